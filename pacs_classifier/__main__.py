@@ -1,0 +1,3 @@
+from pacs_classifier.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per sub-command; see :mod:`pacs_classifier.cli` for the contract."""

@@ -1,0 +1,42 @@
+"""``db upgrade``: apply the Alembic migrations to the configured database."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from pacs_classifier.db import migrate
+from pacs_classifier.errors import DatabaseUnavailable
+from pacs_classifier.wiring import load_app
+
+ORDER = 10
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("db", help="database schema management")
+    dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = dbsub.add_parser("upgrade", help="apply migrations up to head")
+    up.add_argument("--revision", default="head", help=argparse.SUPPRESS)
+    up.set_defaults(func=run_upgrade)
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    app = load_app(args)
+    url = app.config.database_url
+    if app.config.database_url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        migrate.upgrade(url, args.revision)
+        current = migrate.current_revision(app.db.engine)
+    except OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"database unavailable: {str(exc.orig).strip().splitlines()[0]}"
+        ) from exc
+    finally:
+        app.close()
+    print(f"database at revision {current}")
+    return 0

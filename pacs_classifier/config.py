@@ -1,0 +1,366 @@
+"""The configuration: ``config.toml`` read once into frozen, validated dataclasses.
+
+Every key has a default (the values in the shipped ``config.toml``). A key that is not
+known, or a value of the wrong type, is a :class:`ConfigError` whose message names the
+key, e.g. ``listener.port: expected an integer, received 'abc'``.
+
+Overrides: ``PACS_CLASSIFIER__SECTION__KEY`` (``PACS_CLASSIFIER__LISTENER__TLS__ENABLED``
+for a nested table) replaces a key. Its value is parsed as a TOML value when it parses as
+one (``5``, ``true``, ``["CR", "DX"]``) and taken as a string otherwise.
+
+Secrets never live in the file: ``PACS_CLASSIFIER_DATABASE_PASSWORD`` is put into the
+database URL and ``PACS_CLASSIFIER_TLS_KEY_PASSPHRASE`` unlocks the TLS key.
+
+Relative paths (``storage.root``, ``model.dir``, a relative SQLite file) are resolved
+against the folder of the configuration file, so the daemon behaves the same whatever
+directory it is started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacs_classifier.errors import ConfigError
+
+ENV_PREFIX = "PACS_CLASSIFIER__"
+ENV_CONFIG_PATH = "PACS_CLASSIFIER_CONFIG"
+ENV_DB_PASSWORD = "PACS_CLASSIFIER_DATABASE_PASSWORD"  # noqa: S105 - a variable name
+ENV_TLS_PASSPHRASE = "PACS_CLASSIFIER_TLS_KEY_PASSPHRASE"  # noqa: S105
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///var/pacs_classifier.sqlite3"
+    connect_timeout_s: int = 5
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = "var/dicom"
+    min_free_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = False
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str = "PNEUMONIA_AI"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 10
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    maximum_pdu_size: int = 131072
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class EligibilityConfig:
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "")
+    view_positions: tuple[str, ...] = ("PA", "AP", "")
+    min_short_side_px: int = 256
+    max_decoded_mb: int = 512
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dir: str = "var/models"
+    runtime: str = "auto"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_size: int = 16
+    max_batch_wait_ms: int = 200
+    max_attempts: int = 3
+    lease_seconds: int = 300
+    poll_interval_ms: int = 250
+    retry_backoff_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    enabled: bool = True
+    reclassify_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    misfire_grace_s: int = 6 * 3600
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: Folder of the configuration file; relative paths are resolved against it.
+    base_dir: Path = field(default_factory=Path.cwd, compare=False)
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the configuration file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def storage_root(self) -> Path:
+        return self.path(self.storage.root)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path(self.model.dir)
+
+    @property
+    def database_url(self) -> str:
+        """The database URL with relative SQLite paths resolved and the secret password set."""
+        return resolve_database_url(self.database.url, self.base_dir)
+
+
+_RUNTIMES = ("auto", "keras", "onnx", "tflite-int8")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def resolve_database_url(url: str, base_dir: Path) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not Path(db).is_absolute():
+            parsed = parsed.set(database=str(base_dir / db))
+    password = os.environ.get(ENV_DB_PASSWORD)
+    if password:
+        parsed = parsed.set(password=password)
+    return parsed.render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read, override and validate the configuration.
+
+    ``path`` defaults to ``$PACS_CLASSIFIER_CONFIG`` or ``./config.toml``. A missing
+    default file is not an error (the built-in defaults apply); a missing file that was
+    asked for by name is.
+    """
+    env = os.environ if environ is None else environ
+    explicit = path is not None or ENV_CONFIG_PATH in env
+    cfg_path = (
+        Path(path) if path is not None else Path(env.get(ENV_CONFIG_PATH, DEFAULT_CONFIG_PATH))
+    )
+    raw: dict[str, Any] = {}
+    if cfg_path.exists():
+        if not cfg_path.is_file():
+            raise ConfigError(f"{cfg_path}: not a file")
+        try:
+            raw = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{cfg_path}: malformed TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{cfg_path}: cannot be read: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"{cfg_path}: configuration file not found")
+    _apply_env_overrides(raw, env)
+    base_dir = cfg_path.resolve().parent
+    config: Config = _build(Config, raw, "")
+    config = dataclasses.replace(config, base_dir=base_dir)
+    _validate(config)
+    return config
+
+
+def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+    """Build a validated config from an already-parsed mapping (tests, the demo)."""
+    config: Config = _build(Config, dict(raw), "")
+    config = dataclasses.replace(config, base_dir=base_dir or Path.cwd())
+    _validate(config)
+    return config
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"{name}: expected PACS_CLASSIFIER__SECTION__KEY")
+        target = raw
+        for part in parts[:-1]:
+            node = target.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {'.'.join(parts[:-1])} is not a table")
+            target = node
+        target[parts[-1]] = _parse_env_value(value)
+
+
+def _parse_env_value(value: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "configuration"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, received {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type[Any], tp), value, f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, received {value!r}")
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is types.UnionType:  # pragma: no cover - no optional keys today
+        raise ConfigError(f"{key}: unsupported type")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, received {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, received {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, received {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, received {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _validate(c: Config) -> None:
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(c.database.url)
+    except ArgumentError:
+        raise ConfigError(f"database.url: not a database URL: {c.database.url!r}") from None
+    need(
+        url.get_backend_name() in ("sqlite", "postgresql"),
+        "database.url",
+        f"only sqlite and postgresql are supported, received {url.get_backend_name()!r}",
+    )
+    need(
+        url.password is None,
+        "database.url",
+        f"put the password in ${ENV_DB_PASSWORD}, never in the file",
+    )
+    need(c.database.connect_timeout_s > 0, "database.connect_timeout_s", "must be > 0")
+    need(bool(c.storage.root), "storage.root", "must not be empty")
+    need(c.storage.min_free_mb >= 0, "storage.min_free_mb", "must be >= 0")
+    ae = c.listener.ae_title
+    need(
+        0 < len(ae) <= 16 and ae.isascii() and "\\" not in ae and ae.strip() == ae,
+        "listener.ae_title",
+        f"must be 1-16 ASCII characters, received {ae!r}",
+    )
+    need(
+        0 < c.listener.port < 65536, "listener.port", f"must be 1-65535, received {c.listener.port}"
+    )
+    need(c.listener.max_associations >= 1, "listener.max_associations", "must be >= 1")
+    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        need(getattr(c.listener, name) > 0, f"listener.{name}", "must be > 0")
+    need(
+        c.listener.maximum_pdu_size == 0 or c.listener.maximum_pdu_size >= 4096,
+        "listener.maximum_pdu_size",
+        "must be 0 (unlimited) or >= 4096",
+    )
+    for aet in c.listener.allowed_calling_aets:
+        need(0 < len(aet) <= 16, "listener.allowed_calling_aets", f"bad AE title {aet!r}")
+    tls = c.listener.tls
+    if tls.enabled:
+        for name in ("cert", "key"):
+            value = getattr(tls, name)
+            need(
+                bool(value) and c.path(value).is_file(),
+                f"listener.tls.{name}",
+                f"file not found: {value!r}",
+            )
+        if tls.require_client_cert:
+            need(
+                bool(tls.ca) and c.path(tls.ca).is_file(),
+                "listener.tls.ca",
+                f"file not found: {tls.ca!r} (needed by require_client_cert)",
+            )
+    need(c.eligibility.min_short_side_px >= 1, "eligibility.min_short_side_px", "must be >= 1")
+    need(c.eligibility.max_decoded_mb >= 1, "eligibility.max_decoded_mb", "must be >= 1")
+    need(
+        c.model.runtime in _RUNTIMES,
+        "model.runtime",
+        f"must be one of {', '.join(_RUNTIMES)}, received {c.model.runtime!r}",
+    )
+    w = c.worker
+    need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")
+    need(w.max_batch_wait_ms >= 0, "worker.max_batch_wait_ms", "must be >= 0")
+    need(w.max_attempts >= 1, "worker.max_attempts", "must be >= 1")
+    need(w.lease_seconds >= 1, "worker.lease_seconds", "must be >= 1")
+    need(w.poll_interval_ms >= 1, "worker.poll_interval_ms", "must be >= 1")
+    need(w.retry_backoff_s >= 0, "worker.retry_backoff_s", "must be >= 0")
+    s = c.scheduler
+    need(
+        len(s.reclassify_cron.split()) == 5,
+        "scheduler.reclassify_cron",
+        f"expected 5 cron fields, received {s.reclassify_cron!r}",
+    )
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(s.timezone)
+    except (KeyError, ValueError, OSError):
+        raise ConfigError(f"scheduler.timezone: unknown time zone {s.timezone!r}") from None
+    need(s.misfire_grace_s >= 1, "scheduler.misfire_grace_s", "must be >= 1")
+    need(
+        c.logging.level.upper() in _LOG_LEVELS,
+        "logging.level",
+        f"must be one of {', '.join(_LOG_LEVELS)}",
+    )

@@ -1,0 +1,1 @@
+"""Database access: models, engine and session handling, migrations, the audit chain."""

@@ -1,0 +1,303 @@
+"""The SQL schema (SPEC §5) as typed SQLAlchemy 2 models.
+
+The database is created only by the Alembic migrations in ``migrations/``; a test checks
+that the migrated schema equals these models. All times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always returned timezone-aware.
+
+    SQLite has no time zone type; PostgreSQL's ``timestamptz`` would return the
+    session's zone. Both come back as UTC-aware ``datetime`` objects here.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime given for a UTC column: {value!r}")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobKind(enum.StrEnum):
+    CLASSIFY = "classify"
+    RECLASSIFY = "reclassify"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    NOT_ASSESSED = "not_assessed"
+    FAILED = "failed"
+
+
+class Label(enum.StrEnum):
+    PNEUMONIA = "PNEUMONIA"
+    NORMAL = "NORMAL"
+
+
+class RunTrigger(enum.StrEnum):
+    SCHEDULE = "schedule"
+    CLI = "cli"
+
+
+class RunState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    # Stored as VARCHAR + CHECK on both databases, so adding a value is a plain migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Instance(Base):
+    """One stored instance *version*: a re-send with other content is a new row."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "file_sha256", name="uq_instances_sop_sha"),
+        Index("ix_instances_study_instance_uid", "study_instance_uid"),
+        Index("ix_instances_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    file_path: Mapped[str] = mapped_column(Text)
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_lease_until", "state", "lease_until"),
+        Index("ix_jobs_instance_id", "instance_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: When a queued job may next be claimed (retry backoff); null means now.
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The reclassification run that queued this job, if any.
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("reclassification_runs.id"))
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float] = mapped_column(Float)
+    image_size: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Prediction(Base):
+    """Append-only. Exactly one row per (instance version, model, run)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        Index("ix_predictions_instance_id_id", "instance_id", "id"),
+        # run_id is NULL for live classification, and NULLs never collide in a unique
+        # index, so the key is on run_key (run_id or 0).
+        Index(
+            "uq_predictions_instance_model_run", "instance_id", "model_id", "run_key", unique=True
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    probability: Mapped[float] = mapped_column(Float)
+    label: Mapped[Label] = mapped_column(_enum(Label, "label"))
+    threshold: Mapped[float] = mapped_column(Float)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("reclassification_runs.id"))
+    #: ``run_id`` or 0 for live classification: a unique key that NULL cannot dodge.
+    run_key: Mapped[int] = mapped_column(Integer, default=0)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ReclassificationRun(Base):
+    __tablename__ = "reclassification_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger: Mapped[RunTrigger] = mapped_column(_enum(RunTrigger, "run_trigger"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    instances_total: Mapped[int] = mapped_column(Integer, default=0)
+    instances_done: Mapped[int] = mapped_column(Integer, default=0)
+    labels_changed: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[RunState] = mapped_column(_enum(RunState, "run_state"), default=RunState.RUNNING)
+
+
+class AuditEvent(Base):
+    """Append-only, hash-chained: ``hash = sha256(prev_hash + canonical row)``."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    entity_type: Mapped[str | None] = mapped_column(String(32))
+    entity_id: Mapped[str | None] = mapped_column(String(128))
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditHead(Base):
+    """A single row holding the chain's tip; locking it serialises appends.
+
+    On PostgreSQL ``SELECT … FOR UPDATE`` on this row orders concurrent writers from any
+    number of processes; on SQLite the write transaction itself does (``BEGIN IMMEDIATE``).
+    """
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer, default=0)
+    last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class SchedulerJob(Base):
+    """APScheduler 3's SQLAlchemyJobStore table, created here so migrations own the schema."""
+
+    __tablename__ = "apscheduler_jobs"
+
+    id: Mapped[str] = mapped_column(String(191), primary_key=True)
+    next_run_time: Mapped[float | None] = mapped_column(Float(25), index=True)
+    job_state: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class SchedulerLock(Base):
+    """Leader lease for the scheduler role on SQLite (PostgreSQL uses an advisory lock)."""
+
+    __tablename__ = "scheduler_lock"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+LATEST_PREDICTIONS_VIEW = "v_latest_predictions"
+
+#: One row per instance version with its newest prediction. Plain SQL that both SQLite
+#: and PostgreSQL run; the migrations create it and tests check it on both.
+LATEST_PREDICTIONS_SQL = """
+SELECT
+    i.id AS instance_id,
+    i.sop_instance_uid,
+    i.study_instance_uid,
+    i.series_instance_uid,
+    i.accession_number,
+    i.patient_id,
+    i.study_date,
+    i.modality,
+    i.received_at,
+    m.version AS model_version,
+    p.probability,
+    p.label,
+    p.threshold,
+    p.created_at AS classified_at,
+    p.run_id
+FROM instances i
+JOIN predictions p ON p.id = (
+    SELECT p2.id FROM predictions p2
+    WHERE p2.instance_id = i.id
+    ORDER BY p2.id DESC
+    LIMIT 1
+)
+JOIN models m ON m.id = p.model_id
+"""
