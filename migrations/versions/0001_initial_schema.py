@@ -132,6 +132,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_models")),
         sa.UniqueConstraint("version", name=op.f("uq_models_version")),
     )
+    op.create_index(
+        "uq_models_single_active",
+        "models",
+        ["active"],
+        unique=True,
+        sqlite_where=sa.text("active"),
+        postgresql_where=sa.text("active"),
+    )
     op.create_table(
         "scheduler_lock",
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -299,6 +307,7 @@ def downgrade() -> None:
     op.drop_table("jobs")
     op.drop_table("reclassification_runs")
     op.drop_table("scheduler_lock")
+    op.drop_index("uq_models_single_active", table_name="models")
     op.drop_table("models")
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.drop_index("ix_instances_study_instance_uid")

@@ -1,0 +1,1 @@
+"""Inference: model bundles, the registry, and the serving runtimes."""

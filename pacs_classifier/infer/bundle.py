@@ -1,0 +1,151 @@
+"""The model bundle: a folder that holds everything needed to serve and audit one model.
+
+Layout (SPEC §6)::
+
+    model.json          Keras architecture (``model.to_json()``)
+    weights.npz         every weight in float16, keys w0000, w0001, … in ``model.weights`` order
+    metadata.json       version, image size, preprocessing, threshold + rule, temperature,
+                        data summary and split, metrics per phase, seed, library versions,
+                        and ``files``: the SHA-256 of every model file
+    plots/*.png         training curves, ROC, PR, confusion matrix, calibration
+
+float16 halves the size (InceptionV3: ~44 MB instead of 87 MB). The trainer computes the
+validation metrics, temperature and threshold *after* rounding the weights to float16, so
+the numbers in the metadata are those of the model as stored.
+
+:func:`read_bundle` checks every checksum before anything is loaded: a corrupt or altered
+bundle is a :class:`ModelError`, never a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pacs_classifier.errors import ModelError
+
+ARCHITECTURE_FILE = "model.json"
+WEIGHTS_FILE = "weights.npz"
+METADATA_FILE = "metadata.json"
+MODEL_FILES = (ARCHITECTURE_FILE, WEIGHTS_FILE)
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+BUNDLE_FORMAT = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_sha256(files: dict[str, str]) -> str:
+    """One digest for the model: SHA-256 over the sorted ``name:sha256`` lines."""
+    text = "".join(f"{name}:{digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A bundle whose files were checked against its metadata."""
+
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata["version"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"]["value"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.metadata.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def sha256(self) -> str:
+        return manifest_sha256(self.metadata["files"])
+
+    @property
+    def created_at(self) -> str:
+        return str(self.metadata["created_at"])
+
+
+def read_bundle(path: str | Path, *, verify: bool = True) -> BundleInfo:
+    """Read ``metadata.json`` and check every model file's SHA-256 against it."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelError(f"{root}: not a model bundle folder")
+    meta_path = root / METADATA_FILE
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{root}: {METADATA_FILE} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{meta_path}: unreadable metadata: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{meta_path}: metadata is not a JSON object")
+    for key in ("version", "image_size", "threshold", "files"):
+        if key not in metadata:
+            raise ModelError(f"{meta_path}: metadata has no {key!r}")
+    files = metadata["files"]
+    if not isinstance(files, dict) or set(MODEL_FILES) - set(files):
+        raise ModelError(f"{meta_path}: 'files' must list {', '.join(MODEL_FILES)}")
+    if verify:
+        for name, expected in sorted(files.items()):
+            file = root / name
+            if not file.is_file():
+                raise ModelError(f"{root}: model file {name} is missing")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise ModelError(
+                    f"{file}: sha256 {actual[:12]}… does not match the bundle's "
+                    f"{str(expected)[:12]}… (corrupt or altered)"
+                )
+    return BundleInfo(root, metadata)
+
+
+def write_model_files(model: Any, out_dir: Path) -> dict[str, str]:
+    """Write the architecture and float16 weights of a Keras model; return their SHA-256."""
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ARCHITECTURE_FILE).write_text(model.to_json(), encoding="utf-8")
+    arrays = {
+        f"w{i:04d}": np.asarray(w.numpy(), dtype=np.float16) for i, w in enumerate(model.weights)
+    }
+    with (out_dir / WEIGHTS_FILE).open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    return {name: sha256_file(out_dir / name) for name in MODEL_FILES}
+
+
+def load_keras_model(info: BundleInfo) -> Any:
+    """Build the Keras model of a checked bundle, weights cast back to float32."""
+    import keras
+    import numpy as np
+
+    try:
+        model = keras.models.model_from_json(
+            (info.path / ARCHITECTURE_FILE).read_text(encoding="utf-8")
+        )
+        with np.load(info.path / WEIGHTS_FILE) as npz:
+            weights = [npz[f"w{i:04d}"].astype(np.float32) for i in range(len(npz.files))]
+        model.set_weights(weights)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ModelError(f"{info.path}: model cannot be built: {exc}") from exc
+    return model
+
+
+def write_metadata(out_dir: Path, metadata: dict[str, Any]) -> None:
+    text = json.dumps(metadata, indent=2, sort_keys=True, default=str)
+    (out_dir / METADATA_FILE).write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,152 @@
+"""The model registry: bundles copied under ``model.dir``, one row each in ``models``.
+
+Exactly one model is active (a partial unique index enforces it). Registering and
+activating check the bundle's checksums first; a corrupt or mismatched bundle is refused
+with :class:`ModelError` and the active model stays as it was. Every change is audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from pacs_classifier.db.audit import append_event
+from pacs_classifier.db.engine import Database
+from pacs_classifier.db.models import Model, utcnow
+from pacs_classifier.errors import ModelError, PermanentError
+from pacs_classifier.infer.bundle import BundleInfo, read_bundle
+
+log = logging.getLogger(__name__)
+
+
+def register_bundle(
+    db: Database, source: str | Path, model_dir: Path, *, actor: str, activate: bool = False
+) -> Model:
+    """Check ``source``, copy it to ``model_dir/<version>`` and record it."""
+    info = read_bundle(source)
+    with db.session() as session:
+        existing = session.execute(
+            select(Model).where(Model.version == info.version)
+        ).scalar_one_or_none()
+        if existing is not None:
+            if existing.sha256 != info.sha256:
+                raise ModelError(
+                    f"model version {info.version} is already registered with different content"
+                )
+            if activate and not existing.active:
+                _activate(session, existing, actor)
+            return existing
+    dest = _install(info, model_dir)
+    try:
+        with db.session() as session:
+            row = Model(
+                version=info.version,
+                path=str(dest),
+                sha256=info.sha256,
+                threshold=info.threshold,
+                image_size=info.image_size,
+                metrics=dict(info.metadata.get("metrics", {}).get("final", {})),
+                created_at=_parse_time(info.created_at),
+                registered_at=utcnow(),
+                active=False,
+            )
+            session.add(row)
+            session.flush()
+            append_event(
+                session,
+                actor=actor,
+                action="model.register",
+                entity_type="model",
+                entity_id=row.id,
+                outcome="ok",
+                detail={
+                    "version": info.version,
+                    "sha256": info.sha256,
+                    "source": str(Path(source).resolve()),
+                },
+            )
+            if activate:
+                _activate(session, row, actor)
+            return row
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def activate_version(db: Database, version: str, *, actor: str) -> Model:
+    """Make ``version`` the active model after re-checking its files."""
+    with db.session() as session:
+        row = session.execute(select(Model).where(Model.version == version)).scalar_one_or_none()
+        if row is None:
+            raise PermanentError(f"no registered model with version {version!r}")
+        info = read_bundle(row.path)  # raises ModelError when the files changed on disk
+        if info.sha256 != row.sha256:
+            raise ModelError(f"{row.path}: bundle content differs from the registered one")
+        _activate(session, row, actor)
+        return row
+
+
+def active_model(session: Session) -> Model | None:
+    return session.execute(select(Model).where(Model.active.is_(True))).scalar_one_or_none()
+
+
+def list_models(session: Session) -> list[Model]:
+    return list(session.execute(select(Model).order_by(Model.id)).scalars())
+
+
+def _activate(session: Session, row: Model, actor: str) -> None:
+    previous = active_model(session)
+    if previous is not None and previous.id == row.id:
+        return
+    session.execute(update(Model).where(Model.active.is_(True)).values(active=False))
+    session.flush()
+    row.active = True
+    session.flush()
+    append_event(
+        session,
+        actor=actor,
+        action="model.activate",
+        entity_type="model",
+        entity_id=row.id,
+        outcome="ok",
+        detail={"version": row.version, "previous": previous.version if previous else None},
+    )
+
+
+def _install(info: BundleInfo, model_dir: Path) -> Path:
+    """Copy the bundle into the registry folder atomically (temp folder, then rename)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dest = model_dir / info.version
+    if dest.exists():
+        try:
+            if read_bundle(dest).sha256 == info.sha256:
+                return dest
+        except ModelError:
+            pass
+        raise ModelError(f"{dest} exists with other content; remove it or pick a new version")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{info.version}.", dir=model_dir))
+    try:
+        shutil.copytree(info.path, tmp, dirs_exist_ok=True)
+        read_bundle(tmp)  # the copy is what will be served: check it, not the source
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ModelError(f"bad created_at in bundle metadata: {text!r}") from None
+    if value.tzinfo is None:
+        raise ModelError(f"created_at in bundle metadata has no time zone: {text!r}")
+    return value
