@@ -4,9 +4,14 @@ Each event's ``hash`` is SHA-256 over ``prev_hash`` and the row's canonical cont
 (id, time, actor, action, entity, outcome, detail). Ids are assigned from the chain's tip
 in ``audit_head``, which every append locks, so ids are gap-free and the chain is a single
 line even with many writer processes: on PostgreSQL the ``FOR UPDATE`` row lock orders
-them, on SQLite the ``BEGIN IMMEDIATE`` write transaction does. Editing a row breaks its
-hash, deleting one breaks the id sequence or the next ``prev_hash``, deleting the newest
-rows disagrees with ``audit_head``; :func:`verify_chain` names the first bad row.
+them, on SQLite the ``BEGIN IMMEDIATE`` write transaction does. The tip row and the event
+are written in the same transaction, so a committed tip always has all its events.
+
+Editing a row breaks its hash (or, for ``prev_hash``, the link to the row before);
+deleting one leaves its id missing; deleting the newest rows leaves ids missing below the
+tip; a row inserted past the tip by hand is older than the tip that should cover it.
+:func:`verify_chain` names the first bad row. Whoever can rewrite every row *and* the tip
+can forge a consistent chain: the chain detects tampering, it does not prevent it.
 
 An event is written inside the caller's transaction, so it commits or rolls back with the
 action it describes.
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pacs_classifier.db.models import AuditEvent, AuditHead, utcnow
@@ -73,11 +78,19 @@ def append_event(
 
     ``detail`` must be JSON-serialisable; keep patient names out of it.
     """
+    # populate_existing: if this session loaded the tip before (unlocked), the identity
+    # map would hand back that stale copy and two writers would compute the same id.
     head = session.execute(
-        select(AuditHead).where(AuditHead.id == 1).with_for_update()
+        select(AuditHead)
+        .where(AuditHead.id == 1)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one()
-    # Round-trip through JSON so what is hashed is exactly what the database returns.
-    clean_detail: dict[str, Any] = json.loads(json.dumps(dict(detail or {}), default=str))
+    # Round-trip through JSON so what is hashed is exactly what the database returns;
+    # NaN/Infinity are refused here because PostgreSQL's json type refuses them later.
+    clean_detail: dict[str, Any] = json.loads(
+        json.dumps(dict(detail or {}), default=str, allow_nan=False)
+    )
     occurred_at = utcnow()
     event_id = head.last_id + 1
     ent_id = None if entity_id is None else str(entity_id)
@@ -108,66 +121,115 @@ def append_event(
 
 @dataclass(frozen=True)
 class ChainReport:
+    """The outcome of :func:`verify_chain`."""
+
     ok: bool
+    #: Events verified (all of them when ``ok``; those before the break otherwise).
     events: int
     #: The id of the first row that breaks the chain (or the missing id), when not ok.
     bad_id: int | None = None
     problem: str = ""
 
+    def describe(self) -> str:
+        """One line for people: ``ok N events`` or where and why the chain breaks."""
+        if self.ok:
+            return f"ok {self.events} events"
+        where = f"event {self.bad_id}" if self.bad_id is not None else "the chain's tip"
+        return f"audit chain broken at {where}: {self.problem}"
+
 
 def verify_chain(session: Session, batch: int = 5000) -> ChainReport:
-    """Walk the whole chain in id order and report the first broken link."""
+    """Walk the whole chain in id order and report the first broken link.
+
+    The tip is read first and only events up to it are checked, so the result is right
+    under any isolation level while other processes keep appending: a committed tip
+    always comes with all its events, and newer events lie beyond it.
+    """
+    tip = _read_tip(session)
+    if tip is None:
+        return ChainReport(False, 0, None, "the audit_head row is missing")
+    tip_id, tip_hash = tip
     expected_prev = GENESIS_HASH
     expected_id = 1
-    count = 0
-    for ev in _iter_events(session, batch):
+    for ev in _iter_events(session, batch, tip_id):
         if ev.id != expected_id:
             return ChainReport(
-                False, count, expected_id, f"event {expected_id} is missing (next is {ev.id})"
+                False, expected_id - 1, expected_id, f"missing (the next stored is {ev.id})"
             )
         if ev.prev_hash != expected_prev:
             return ChainReport(
-                False, count, ev.id, f"event {ev.id}: prev_hash does not match event {ev.id - 1}"
+                False, ev.id - 1, ev.id, f"prev_hash does not match the hash of event {ev.id - 1}"
             )
-        recomputed = chain_hash(
-            ev.prev_hash,
-            canonical_content(
-                ev.id,
-                ev.occurred_at,
-                ev.actor,
-                ev.action,
-                ev.entity_type,
-                ev.entity_id,
-                ev.outcome,
-                ev.detail,
-            ),
-        )
-        if recomputed != ev.hash:
-            return ChainReport(
-                False, count, ev.id, f"event {ev.id}: content does not match its hash"
-            )
+        if _recompute(ev) != ev.hash:
+            return ChainReport(False, ev.id - 1, ev.id, "content does not match its hash")
         expected_prev = ev.hash
         expected_id += 1
-        count += 1
-    head = session.execute(select(AuditHead).where(AuditHead.id == 1)).scalar_one_or_none()
-    if head is None:
-        return ChainReport(False, count, None, "audit_head row is missing")
-    if head.last_id != count or head.last_hash != expected_prev:
+    count = expected_id - 1
+    if count < tip_id:
+        return ChainReport(False, count, count + 1, f"missing (the chain's tip is event {tip_id})")
+    if expected_prev != tip_hash:
         return ChainReport(
-            False,
-            count,
-            count + 1,
-            f"events after {count} were deleted (the chain's tip is {head.last_id})",
+            False, count - 1, tip_id, "hash does not match the chain's tip in audit_head"
+        )
+    forged = _first_beyond_tip(session, tip_id)
+    if forged is not None:
+        return ChainReport(
+            False, count, forged, "stored beyond the chain's tip (not written by the audit writer)"
         )
     return ChainReport(True, count)
 
 
-def _iter_events(session: Session, batch: int) -> Iterator[AuditEvent]:
+def _recompute(ev: AuditEvent) -> str:
+    return chain_hash(
+        ev.prev_hash,
+        canonical_content(
+            ev.id,
+            ev.occurred_at,
+            ev.actor,
+            ev.action,
+            ev.entity_type,
+            ev.entity_id,
+            ev.outcome,
+            ev.detail,
+        ),
+    )
+
+
+def _read_tip(session: Session) -> tuple[int, str] | None:
+    row = session.execute(
+        select(AuditHead.last_id, AuditHead.last_hash).where(AuditHead.id == 1)
+    ).one_or_none()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def _first_beyond_tip(session: Session, tip_id: int) -> int | None:
+    """The first row past the tip that no append accounts for, if any.
+
+    Rows appended since the tip was read are legitimate; they come with a newer tip. So
+    read the newest id first and the tip again afterwards: a row newer than both reads
+    of the tip was not written by :func:`append_event`.
+    """
+    newest = session.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.id > tip_id))
+    if newest is None:
+        return None
+    latest = _read_tip(session)
+    latest_id = latest[0] if latest is not None else tip_id
+    if newest <= latest_id:
+        return None
+    return session.scalar(
+        select(func.min(AuditEvent.id)).where(AuditEvent.id > latest_id, AuditEvent.id <= newest)
+    )
+
+
+def _iter_events(session: Session, batch: int, upto: int) -> Iterator[AuditEvent]:
     last = 0
     while True:
         rows = (
             session.execute(
-                select(AuditEvent).where(AuditEvent.id > last).order_by(AuditEvent.id).limit(batch)
+                select(AuditEvent)
+                .where(AuditEvent.id > last, AuditEvent.id <= upto)
+                .order_by(AuditEvent.id)
+                .limit(batch)
             )
             .scalars()
             .all()
@@ -176,4 +238,5 @@ def _iter_events(session: Session, batch: int) -> Iterator[AuditEvent]:
             return
         yield from rows
         last = rows[-1].id
+        # Keep memory flat on long chains; verify owns this session.
         session.expunge_all()
