@@ -189,12 +189,25 @@ def load_config(
             raise ConfigError(f"{cfg_path}: cannot be read: {exc}") from None
     elif explicit:
         raise ConfigError(f"{cfg_path}: configuration file not found")
-    _apply_env_overrides(raw, env)
+    overridden = _apply_env_overrides(raw, env)
     base_dir = cfg_path.resolve().parent
-    config: Config = _build(Config, raw, "")
-    config = dataclasses.replace(config, base_dir=base_dir)
-    _validate(config)
+    try:
+        config: Config = _build(Config, raw, "")
+        config = dataclasses.replace(config, base_dir=base_dir)
+        _validate(config)
+    except ConfigError as exc:
+        raise _name_env_source(exc, overridden) from None
     return config
+
+
+def _name_env_source(exc: ConfigError, overridden: Mapping[str, str]) -> ConfigError:
+    """Say which environment variable set a bad key: the file may look fine."""
+    key = str(exc).split(":", 1)[0]
+    for dotted, name in overridden.items():
+        inside = key.startswith((f"{dotted}.", f"{dotted}[")) or dotted.startswith(f"{key}.")
+        if key == dotted or inside:
+            return ConfigError(f"{exc} (set by {name})")
+    return exc
 
 
 def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) -> Config:
@@ -205,7 +218,9 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) ->
     return config
 
 
-def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply the overrides to ``raw``; return which variable set each dotted key."""
+    applied: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -219,6 +234,8 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 raise ConfigError(f"{name}: {'.'.join(parts[:-1])} is not a table")
             target = node
         target[parts[-1]] = _parse_env_value(value)
+        applied[".".join(parts)] = name
+    return applied
 
 
 def _parse_env_value(value: str) -> Any:
