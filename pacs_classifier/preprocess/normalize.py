@@ -1,0 +1,58 @@
+"""normalize_file: any supported file to an InceptionV3 input tensor (SPEC §6, §9).
+
+One path for training and serving: DICOM → (decode.py) stored values → (pixels.py) [0, 1]
+grey; JPEG/PNG → (image.py) [0, 1] grey; both → (tensor.py) resize, pad, 3 channels,
+[-1, 1]. There is no other implementation to drift from.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from pacs_classifier.config import EligibilityConfig
+from pacs_classifier.errors import NotAssessable
+from pacs_classifier.preprocess import decode, image, pixels, reasons
+from pacs_classifier.preprocess.tensor import unit_to_tensor
+
+
+def normalize_file(
+    path: str | PathLike[str], image_size: int = 299, *, rules: EligibilityConfig | None = None
+) -> NDArray[np.float32]:
+    """A DICOM, JPEG or PNG file → float32 (image_size, image_size, 3) in [-1, 1].
+
+    The kind is told by content (``decode.sniff``), not by name. Raises
+    ``NotAssessable(reason)`` for input that cannot become a grey radiograph tensor (codes
+    in ``preprocess.reasons``); ``rules.max_decoded_mb`` bounds the decoded size. The
+    clinical eligibility (modality, body part, ``min_short_side_px``) is
+    ``check_eligibility``'s: the trainer feeds 224² JPEGs through here. OSError (a
+    missing or unreadable file) propagates unchanged.
+    """
+    rules = rules or EligibilityConfig()
+    file = Path(path)
+    if decode.sniff(file) == "image":
+        return unit_to_tensor(image.read_unit(file, rules), image_size)
+    return normalize_dataset(decode.read_dataset(file), image_size, rules=rules)
+
+
+def normalize_dataset(
+    ds: Dataset, image_size: int = 299, *, rules: EligibilityConfig | None = None
+) -> NDArray[np.float32]:
+    """As :func:`normalize_file`, for a data set already read (e.g. by the worker)."""
+    return unit_to_tensor(dataset_to_unit(ds, rules), image_size)
+
+
+def dataset_to_unit(ds: Dataset, rules: EligibilityConfig | None = None) -> NDArray[np.float32]:
+    """Decode and normalise a data set's pixels to a 2-D float32 image in [0, 1]."""
+    rules = rules or EligibilityConfig()
+    decode.ensure_transfer_syntax(ds)
+    decode.check_pixels(ds, rules)
+    stored = decode.decode_pixels(ds)
+    try:
+        return pixels.to_unit(stored, ds)
+    except ValueError as exc:  # a malformed LUT or window, named in the message
+        raise NotAssessable(reasons.UNDECODABLE, str(exc)) from exc
