@@ -10,10 +10,15 @@ import argparse
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from pacs_classifier.config import Config, load_config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.migrate import require_head
+
+if TYPE_CHECKING:
+    from pacs_classifier.receive.listener import Listener
+    from pacs_classifier.store.storage import Storage
 
 
 @dataclass
@@ -40,6 +45,27 @@ class App:
             ) from exc
         return self.db
 
+    @cached_property
+    def storage(self) -> Storage:
+        """The folder of received instances (``[storage]``)."""
+        from pacs_classifier.store.storage import Storage
+
+        return Storage(self.config.storage_root, self.config.storage.min_free_mb)
+
+    def listener(self) -> Listener:
+        """The DICOM listener on a schema-checked database (``serve --roles listener``)."""
+        from pacs_classifier.receive.listener import Listener, build_ssl_context
+        from pacs_classifier.store.ingest import Ingestor
+
+        db = self.checked_db()
+        return Listener(
+            self.config.listener,
+            db,
+            self.storage,
+            Ingestor(db, self.storage),
+            ssl_context=build_ssl_context(self.config),
+        )
+
     def close(self) -> None:
         if "db" in self.__dict__:
             self.db.dispose()
@@ -49,4 +75,7 @@ def load_app(args: argparse.Namespace) -> App:
     config = load_config(getattr(args, "config", None))
     if not getattr(args, "verbose", False):
         logging.getLogger().setLevel(config.logging.level.upper())
+        # Alembic logs "Context impl ..." at INFO on every schema check; a user's command
+        # should answer in its own words (``db upgrade`` reports the revisions itself).
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     return App(config)

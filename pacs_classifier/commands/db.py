@@ -30,6 +30,7 @@ def run_upgrade(args: argparse.Namespace) -> int:
 
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
+        before = migrate.current_revision(app.db.engine)
         migrate.upgrade(url, args.revision)
         current = migrate.current_revision(app.db.engine)
     except OperationalError as exc:
@@ -38,5 +39,8 @@ def run_upgrade(args: argparse.Namespace) -> int:
         ) from exc
     finally:
         app.close()
-    print(f"database at revision {current}")
+    if before == current:
+        print(f"database at revision {current} (already)")
+    else:
+        print(f"database upgraded from {before or 'nothing'} to revision {current}")
     return 0
