@@ -11,6 +11,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -118,3 +119,11 @@ def database(db_url: str) -> Iterator[Database]:
         yield db
     finally:
         db.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two real 75 px model bundles (pipeline_support.Bundles), built once per session."""
+    from pipeline_support import build_bundles
+
+    return build_bundles(tmp_path_factory.mktemp("bundles"))

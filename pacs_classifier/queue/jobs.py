@@ -1,0 +1,428 @@
+"""Jobs in the database, claimed in batches under a lease.
+
+A job moves ``queued → running → done | not_assessed | failed``; a failure worth retrying
+goes back to ``queued`` with ``not_before`` set (exponential backoff) until
+``max_attempts`` claims have been spent. ``attempts`` counts claims, so a job whose worker
+dies while holding it (a poison pill that crashes the decoder, say) also ends ``failed``
+instead of looping forever.
+
+Claiming is one short transaction. On PostgreSQL ``SELECT … FOR UPDATE SKIP LOCKED`` lets
+any number of worker processes, on any number of machines, take disjoint batches without
+waiting on each other. On SQLite the engine opens every write transaction with
+``BEGIN IMMEDIATE``, so claims are serialised by the database lock (waiting under the busy
+timeout, never failing with "database is locked"); ``with_for_update`` renders nothing
+there.
+
+A lease that runs out (a worker killed with ``kill -9``, a machine lost) makes the job
+claimable again: :meth:`JobQueue.reclaim_expired` runs before every claim. A worker that
+stops cleanly gives its leases back at once with :meth:`JobQueue.release`. Every state
+change is audited in the transaction that makes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from pacs_classifier.config import WorkerConfig
+from pacs_classifier.db.audit import append_event
+from pacs_classifier.db.engine import Database
+from pacs_classifier.db.models import Instance, Job, JobKind, JobState, utcnow
+
+log = logging.getLogger(__name__)
+
+#: States a job never leaves.
+TERMINAL_STATES = (JobState.DONE, JobState.NOT_ASSESSED, JobState.FAILED)
+#: ``jobs.reason`` is free text; keep it short enough to group by in reports.
+MAX_REASON_CHARS = 300
+
+
+def enqueue(
+    session: Session,
+    instance_id: int,
+    *,
+    kind: JobKind = JobKind.CLASSIFY,
+    run_id: int | None = None,
+) -> Job:
+    """Queue one job inside the caller's transaction (it commits with the instance row)."""
+    job = Job(
+        instance_id=instance_id,
+        kind=kind,
+        state=JobState.QUEUED,
+        attempts=0,
+        run_id=run_id,
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def default_worker_id() -> str:
+    """``host:pid``: unique among live workers, and tells whose lease a job holds."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How long a claim lasts and how failures are retried."""
+
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, worker: WorkerConfig) -> QueuePolicy:
+        return cls(
+            lease_seconds=float(worker.lease_seconds),
+            max_attempts=worker.max_attempts,
+            retry_backoff_s=worker.retry_backoff_s,
+        )
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Delay before the next claim after ``attempts`` failed claims: doubles each time."""
+        return timedelta(seconds=self.retry_backoff_s * 2 ** max(attempts - 1, 0))
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker holds, with what it needs to process it."""
+
+    id: int
+    instance_id: int
+    kind: JobKind
+    attempts: int
+    run_id: int | None
+    file_path: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a job that did not end with a prediction."""
+
+    job: ClaimedJob
+    state: JobState
+    reason: str
+
+
+class JobQueue:
+    """Claims, completes, retries and releases jobs on behalf of one worker."""
+
+    def __init__(self, db: Database, policy: QueuePolicy, *, worker_id: str | None = None) -> None:
+        self.db = db
+        self.policy = policy
+        self.worker_id = worker_id or default_worker_id()
+        self.actor = f"worker:{self.worker_id}"
+        # Reclaiming writes; on SQLite every write takes the database lock, so do it
+        # every few seconds rather than before every claim.
+        self._reclaim_every = min(self.policy.lease_seconds / 2, 5.0)
+        self._next_reclaim = 0.0
+
+    # ------------------------------------------------------------------ claiming
+
+    def claim(self, limit: int, *, run_id: int | None = None) -> list[ClaimedJob]:
+        """Lease up to ``limit`` queued jobs (oldest first); ``run_id`` narrows to one run."""
+        if limit < 1:
+            return []
+        if time.monotonic() >= self._next_reclaim:
+            self.reclaim_expired()
+            self._next_reclaim = time.monotonic() + self._reclaim_every
+        now = utcnow()
+        with self.db.session() as session:
+            query = (
+                select(Job.id)
+                .where(
+                    Job.state == JobState.QUEUED,
+                    or_(Job.not_before.is_(None), Job.not_before <= now),
+                )
+                .order_by(Job.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            if run_id is not None:
+                query = query.where(Job.run_id == run_id)
+            ids = list(session.execute(query).scalars())
+            if not ids:
+                return []
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(
+                    state=JobState.RUNNING,
+                    attempts=Job.attempts + 1,
+                    lease_until=now + timedelta(seconds=self.policy.lease_seconds),
+                    worker_id=self.worker_id,
+                    updated_at=now,
+                )
+            )
+            rows = session.execute(
+                select(
+                    Job.id,
+                    Job.instance_id,
+                    Job.kind,
+                    Job.attempts,
+                    Job.run_id,
+                    Instance.file_path,
+                    Instance.sop_instance_uid,
+                )
+                .join(Instance, Instance.id == Job.instance_id)
+                .where(Job.id.in_(ids))
+                .order_by(Job.id)
+            ).all()
+        return [
+            ClaimedJob(
+                id=r.id,
+                instance_id=r.instance_id,
+                kind=JobKind(r.kind),
+                attempts=r.attempts,
+                run_id=r.run_id,
+                file_path=r.file_path,
+                sop_instance_uid=r.sop_instance_uid,
+            )
+            for r in rows
+        ]
+
+    def reclaim_expired(self) -> int:
+        """Make jobs whose lease ran out claimable again (or failed, out of attempts)."""
+        now = utcnow()
+        return self._reclaim(and_(Job.state == JobState.RUNNING, Job.lease_until < now), now)
+
+    def reclaim_dead_local(self) -> int:
+        """Reclaim at once the jobs held by workers of this host whose process is gone.
+
+        After a crash and restart the new process need not wait for the old leases to
+        run out. Only this host's ``host:pid`` ids are checked: another machine's
+        processes cannot be seen from here, their leases expire instead.
+        """
+        prefix = f"{socket.gethostname()}:"
+        with self.db.session() as session:
+            holders = session.execute(
+                select(Job.worker_id)
+                .where(Job.state == JobState.RUNNING, Job.worker_id.startswith(prefix))
+                .distinct()
+            ).scalars()
+            dead = [h for h in holders if h and h != self.worker_id and not _pid_alive(h)]
+        if not dead:
+            return 0
+        return self._reclaim(and_(Job.state == JobState.RUNNING, Job.worker_id.in_(dead)), utcnow())
+
+    def _reclaim(self, condition: object, now: datetime) -> int:
+        with self.db.session() as session:
+            jobs = list(
+                session.execute(
+                    select(Job).where(condition).with_for_update(skip_locked=True)  # type: ignore[arg-type]
+                ).scalars()
+            )
+            for job in jobs:
+                previous = job.worker_id
+                if job.attempts >= self.policy.max_attempts:
+                    job.state = JobState.FAILED
+                    job.reason = (
+                        f"lease_lost: worker stopped without finishing, {job.attempts} times"
+                    )
+                else:
+                    job.state = JobState.QUEUED
+                job.lease_until = None
+                job.worker_id = None
+                job.updated_at = now
+                append_event(
+                    session,
+                    actor=self.actor,
+                    action="job.reclaim",
+                    entity_type="instance",
+                    entity_id=job.instance_id,
+                    outcome=str(job.state),
+                    detail={"job_id": job.id, "attempts": job.attempts, "holder": previous},
+                )
+        if jobs:
+            log.info("reclaimed %d job(s) whose worker lost its lease", len(jobs))
+        return len(jobs)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def mark_done(self, session: Session, job: ClaimedJob, detail: dict[str, object]) -> bool:
+        """In the caller's transaction (with the prediction): the job is done.
+
+        Returns False when this worker no longer holds the job (its lease ran out and
+        another worker took it); the prediction's unique key keeps that harmless.
+        """
+        held = self._finish(session, job, JobState.DONE, None)
+        append_event(
+            session,
+            actor=self.actor,
+            action="job.classify",
+            entity_type="instance",
+            entity_id=job.instance_id,
+            outcome="done" if held else "done_lease_lost",
+            detail={"job_id": job.id, "kind": str(job.kind), **detail},
+        )
+        return held
+
+    def mark_not_assessed(self, outcomes: Sequence[tuple[ClaimedJob, str]]) -> None:
+        """End jobs ``not_assessed`` with their reason codes (no retry: the input is what it is)."""
+        if not outcomes:
+            return
+        with self.db.session() as session:
+            for job, reason in outcomes:
+                self._finish(session, job, JobState.NOT_ASSESSED, reason)
+                append_event(
+                    session,
+                    actor=self.actor,
+                    action="job.classify",
+                    entity_type="instance",
+                    entity_id=job.instance_id,
+                    outcome="not_assessed",
+                    detail={"job_id": job.id, "kind": str(job.kind), "reason": reason},
+                )
+
+    def fail(self, failures: Sequence[tuple[ClaimedJob, str, bool]]) -> list[Outcome]:
+        """Record failed attempts: ``(job, reason, retryable)``.
+
+        A retryable failure with attempts left goes back to the queue after the backoff;
+        otherwise the job ends ``failed`` with its reason.
+        """
+        outcomes: list[Outcome] = []
+        if not failures:
+            return outcomes
+        now = utcnow()
+        with self.db.session() as session:
+            for job, reason, retryable in failures:
+                short = reason[:MAX_REASON_CHARS]
+                if retryable and job.attempts < self.policy.max_attempts:
+                    not_before = now + self.policy.backoff(job.attempts)
+                    held = _guarded_update(
+                        session,
+                        job,
+                        self.worker_id,
+                        state=JobState.QUEUED,
+                        reason=short,
+                        not_before=not_before,
+                        now=now,
+                    )
+                    state, detail_extra = JobState.QUEUED, {"retry_at": not_before.isoformat()}
+                else:
+                    held = _guarded_update(
+                        session, job, self.worker_id, state=JobState.FAILED, reason=short, now=now
+                    )
+                    state, detail_extra = JobState.FAILED, {}
+                if not held:
+                    continue
+                outcomes.append(Outcome(job, state, short))
+                append_event(
+                    session,
+                    actor=self.actor,
+                    action="job.classify",
+                    entity_type="instance",
+                    entity_id=job.instance_id,
+                    outcome="retry" if state == JobState.QUEUED else "failed",
+                    detail={
+                        "job_id": job.id,
+                        "kind": str(job.kind),
+                        "attempts": job.attempts,
+                        "reason": short,
+                        **detail_extra,
+                    },
+                )
+        return outcomes
+
+    def release(self, jobs: Iterable[ClaimedJob]) -> int:
+        """Give leases back unprocessed (shutdown): queued again, the claim not counted."""
+        ids = [j.id for j in jobs]
+        if not ids:
+            return 0
+        now = utcnow()
+        with self.db.session() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id.in_(ids),
+                    Job.state == JobState.RUNNING,
+                    Job.worker_id == self.worker_id,
+                )
+                .values(
+                    state=JobState.QUEUED,
+                    attempts=func.max(Job.attempts - 1, 0)
+                    if self.db.dialect == "sqlite"
+                    else func.greatest(Job.attempts - 1, 0),
+                    lease_until=None,
+                    worker_id=None,
+                    updated_at=now,
+                )
+            )
+            count = int(result.rowcount)  # type: ignore[attr-defined]
+            if count:
+                append_event(
+                    session,
+                    actor=self.actor,
+                    action="job.release",
+                    entity_type="worker",
+                    entity_id=self.worker_id,
+                    outcome="ok",
+                    detail={"job_ids": ids[:100], "released": count},
+                )
+        return count
+
+    def _finish(
+        self, session: Session, job: ClaimedJob, state: JobState, reason: str | None
+    ) -> bool:
+        return _guarded_update(session, job, self.worker_id, state=state, reason=reason)
+
+
+def _guarded_update(
+    session: Session,
+    job: ClaimedJob,
+    worker_id: str,
+    *,
+    state: JobState,
+    reason: str | None,
+    not_before: datetime | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Change a job this worker still holds; False when the lease was lost meanwhile."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.worker_id == worker_id)
+        .values(
+            state=state,
+            reason=reason,
+            not_before=not_before,
+            lease_until=None,
+            worker_id=None if state == JobState.QUEUED else worker_id,
+            updated_at=now,
+        )
+    )
+    held = int(result.rowcount) == 1  # type: ignore[attr-defined]
+    if not held:
+        log.warning("job %d: lease lost before it finished (%s)", job.id, state)
+    return held
+
+
+def queue_depth(session: Session) -> dict[str, int]:
+    """Number of jobs per state."""
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+def _pid_alive(worker_id: str) -> bool:
+    try:
+        pid = int(worker_id.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return True  # not ours to judge: let its lease expire
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

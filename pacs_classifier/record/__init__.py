@@ -1,0 +1,1 @@
+"""Recording results: predictions, append-only, one per (instance version, model, run)."""
