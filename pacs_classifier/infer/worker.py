@@ -1,0 +1,363 @@
+"""The classification worker: claim → check → normalise → infer → record, pipelined.
+
+Two threads per worker. The *preparer* claims a batch (up to ``batch_size`` jobs, waiting
+at most ``max_batch_wait_ms`` for it to fill), checks eligibility and normalises the pixels;
+the *inferer* runs the model on the previous batch meanwhile and records the predictions.
+A bounded hand-over queue of one batch keeps leases short: at most two batches are held
+beyond the one being inferred.
+
+Outcomes per job:
+
+- eligible and normalised → one prediction with the active model, job ``done``;
+- :class:`NotAssessable` (not a chest radiograph, or pixels that cannot become one) →
+  ``not_assessed`` with its reason code, at once;
+- :class:`RetryableError` or an unexpected error → back to the queue with backoff, then
+  ``failed`` after ``max_attempts``; any other :class:`PermanentError` → ``failed`` at once.
+
+The active model is read from the registry before each claim and loaded once; when another
+model is activated the next batch loads it. Stopping (SIGTERM) stops claiming, finishes
+the batches already prepared and releases anything claimed but not prepared.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pacs_classifier.config import Config
+from pacs_classifier.db.engine import Database
+from pacs_classifier.db.models import JobKind
+from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
+from pacs_classifier.infer.registry import active_model
+from pacs_classifier.infer.runtime import Predictor, load_predictor
+from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, QueuePolicy
+from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
+
+log = logging.getLogger(__name__)
+
+#: Loads a predictor for a registered model (the bundle path and runtime name).
+PredictorLoader = Callable[[str, str], Predictor]
+
+
+def _default_loader(path: str, runtime: str) -> Predictor:
+    return load_predictor(path, runtime)
+
+
+@dataclass
+class PreparedBatch:
+    """Jobs whose tensors are ready, all for one model."""
+
+    model: ModelRef
+    model_path: str
+    jobs: list[ClaimedJob]
+    tensors: npt.NDArray[np.float32]
+
+
+@dataclass
+class WorkerStats:
+    """Counters for logs, tests and benchmarks."""
+
+    done: int = 0
+    not_assessed: int = 0
+    retried: int = 0
+    failed: int = 0
+    batches: int = 0
+    infer_seconds: float = 0.0
+    run_ids: set[int] = field(default_factory=set)
+
+
+class Worker:
+    """One worker: a preparer thread and an inferer loop sharing a bounded hand-over."""
+
+    def __init__(
+        self,
+        db: Database,
+        config: Config,
+        *,
+        jobs: JobQueue | None = None,
+        run_id: int | None = None,
+        loader: PredictorLoader = _default_loader,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.jobs = jobs or JobQueue(db, QueuePolicy.from_config(config.worker))
+        #: When set, only this reclassification run's jobs are claimed (``reclassify``).
+        self.run_id = run_id
+        self._loader = loader
+        self._predictor: Predictor | None = None
+        self._predictor_model_id: int | None = None
+        self.stats = WorkerStats()
+        self._handover: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=1)
+        self._no_model_logged = False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; then finish prepared batches and release the rest."""
+        self.jobs.reclaim_dead_local()
+        preparer = threading.Thread(
+            target=self._prepare_loop, args=(stop,), name="worker-prepare", daemon=True
+        )
+        preparer.start()
+        try:
+            self._infer_loop()
+        finally:
+            stop.set()
+            # If the inferer died, the preparer may wait to hand over: take and release.
+            while preparer.is_alive():
+                try:
+                    left = self._handover.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if left is not None:
+                    self.jobs.release(left.jobs)
+            preparer.join()
+        log.info(
+            "worker %s stopped: %d done, %d not assessed, %d failed",
+            self.jobs.worker_id,
+            self.stats.done,
+            self.stats.not_assessed,
+            self.stats.failed,
+        )
+
+    def _prepare_loop(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    batch = self._next_batch(stop)
+                except RetryableError as exc:
+                    log.warning("worker: %s; retrying", exc)
+                    stop.wait(self._poll_s)
+                    continue
+                if batch is None:
+                    stop.wait(self._poll_s)
+                    continue
+                if not batch.jobs:
+                    continue
+                if not self._hand_over(batch, stop):
+                    self.jobs.release(batch.jobs)
+        finally:
+            self._handover.put(None)  # the inferer drains what is queued, then stops
+
+    def _hand_over(self, batch: PreparedBatch, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                self._handover.put(batch, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _infer_loop(self) -> None:
+        while True:
+            batch = self._handover.get()
+            if batch is None:
+                return
+            try:
+                self.process(batch)
+            except RetryableError as exc:
+                # The database went away mid-batch: the leases run out and the jobs are
+                # claimed again; the unique prediction key makes a second pass harmless.
+                log.error("worker: batch of %d not recorded: %s", len(batch.jobs), exc)
+
+    @property
+    def _poll_s(self) -> float:
+        return self.config.worker.poll_interval_ms / 1000
+
+    # ------------------------------------------------------------------ steps
+
+    def current_model(self) -> tuple[ModelRef, str] | None:
+        """The active model (and its bundle path), or None when none is active."""
+        with self.db.session() as session:
+            row = active_model(session)
+            if row is None:
+                return None
+            return ModelRef(row.id, row.version, row.threshold, row.image_size), row.path
+
+    def _next_batch(self, stop: threading.Event) -> PreparedBatch | None:
+        current = self.current_model()
+        if current is None:
+            if not self._no_model_logged:
+                log.warning("no active model: jobs stay queued until one is activated")
+                self._no_model_logged = True
+            return None
+        self._no_model_logged = False
+        model, path = current
+        claimed = self.gather(stop)
+        if not claimed:
+            return None
+        return self.prepare(claimed, model, path)
+
+    def gather(self, stop: threading.Event) -> list[ClaimedJob]:
+        """Claim up to ``batch_size`` jobs, waiting at most ``max_batch_wait_ms`` to fill."""
+        size = self.config.worker.batch_size
+        claimed = self.jobs.claim(size, run_id=self.run_id)
+        if not claimed:
+            return []
+        deadline = time.monotonic() + self.config.worker.max_batch_wait_ms / 1000
+        while len(claimed) < size and not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.05))
+            claimed += self.jobs.claim(size - len(claimed), run_id=self.run_id)
+        return claimed
+
+    def prepare(self, claimed: list[ClaimedJob], model: ModelRef, path: str) -> PreparedBatch:
+        """Check and normalise each job's file; record the jobs that end here."""
+        ready: list[ClaimedJob] = []
+        tensors: list[npt.NDArray[np.float32]] = []
+        not_assessed: list[tuple[ClaimedJob, str]] = []
+        failures: list[tuple[ClaimedJob, str, bool]] = []
+        for job in claimed:
+            try:
+                tensors.append(self.tensor_for(job, model.image_size))
+                ready.append(job)
+            except NotAssessable as exc:
+                not_assessed.append((job, exc.reason))
+            except PermanentError as exc:
+                failures.append((job, _reason(exc), False))
+            except (RetryableError, OSError) as exc:
+                failures.append((job, _reason(exc), True))
+            except Exception as exc:  # a decoder bug must not kill the worker
+                log.exception("job %d: unexpected error while preparing", job.id)
+                failures.append((job, _reason(exc), True))
+        self.jobs.mark_not_assessed(not_assessed)
+        self.stats.not_assessed += len(not_assessed)
+        self._count_failures(self.jobs.fail(failures))
+        self._finish_runs([j for j, _ in not_assessed] + [j for j, _, _ in failures])
+        size = model.image_size
+        array = (
+            np.stack(tensors).astype(np.float32, copy=False)
+            if tensors
+            else np.zeros((0, size, size, 3), dtype=np.float32)
+        )
+        return PreparedBatch(model, path, ready, array)
+
+    def tensor_for(self, job: ClaimedJob, image_size: int) -> npt.NDArray[np.float32]:
+        """Eligibility first (metadata), then the pixels; raises NotAssessable."""
+        from pacs_classifier.preprocess import check_eligibility, normalize_dataset
+        from pacs_classifier.preprocess.decode import read_dataset
+
+        rules = self.config.eligibility
+        ds = read_dataset(self.resolve(job.file_path))
+        reason = check_eligibility(ds, rules)
+        if reason is not None:
+            raise NotAssessable(reason)
+        return normalize_dataset(ds, image_size, rules=rules)
+
+    def resolve(self, file_path: str) -> Path:
+        """Instance paths are stored relative to the storage root (or absolute)."""
+        p = Path(file_path)
+        return p if p.is_absolute() else self.config.storage_root / p
+
+    def process(self, batch: PreparedBatch) -> None:
+        """Infer one prepared batch and record every outcome."""
+        if not batch.jobs:
+            return
+        try:
+            predictor = self._predictor_for(batch.model, batch.model_path)
+            started = time.perf_counter()
+            probs = predictor.predict(batch.tensors)
+            self.stats.infer_seconds += time.perf_counter() - started
+        except (PermanentError, RetryableError) as exc:
+            # A model that will not load or run is not the images' fault: retry them.
+            log.error("model %s failed on a batch: %s", batch.model.version, exc)
+            self._count_failures(self.jobs.fail([(j, _reason(exc), True) for j in batch.jobs]))
+            self._finish_runs(batch.jobs)
+            return
+        self.record(batch, probs)
+
+    def record(self, batch: PreparedBatch, probs: npt.NDArray[np.float64]) -> None:
+        """Predictions, job states and audit events of one batch, in one transaction."""
+        model = batch.model
+        with self.db.session() as session:
+            for job, p in zip(batch.jobs, probs, strict=True):
+                probability = float(p)
+                pred_id = record_prediction(
+                    session,
+                    instance_id=job.instance_id,
+                    model=model,
+                    probability=probability,
+                    run_id=job.run_id,
+                    job_id=job.id,
+                )
+                self.jobs.mark_done(
+                    session,
+                    job,
+                    {
+                        "prediction_id": pred_id,
+                        "duplicate": pred_id is None,
+                        "model_version": model.version,
+                        "probability": round(probability, 6),
+                        "label": str(label_for(probability, model.threshold)),
+                        "threshold": model.threshold,
+                        "run_id": job.run_id,
+                    },
+                )
+        self.stats.done += len(batch.jobs)
+        self.stats.batches += 1
+        self._finish_runs(batch.jobs)
+
+    def _finish_runs(self, ended: list[ClaimedJob]) -> None:
+        """Progress, and close, the reclassification runs these jobs belong to."""
+        runs = {j.run_id for j in ended if j.kind == JobKind.RECLASSIFY and j.run_id}
+        if runs:
+            from pacs_classifier.reclassify import finish_runs
+
+            self.stats.run_ids |= runs
+            finish_runs(self.db, runs, actor=self.jobs.actor)
+
+    def _predictor_for(self, model: ModelRef, path: str) -> Predictor:
+        if self._predictor is None or self._predictor_model_id != model.id:
+            log.info("loading model %s from %s", model.version, path)
+            self._predictor = None  # free the old one before building the new
+            self._predictor = self._loader(path, self.config.model.runtime)
+            self._predictor_model_id = model.id
+            if self._predictor.info.image_size != model.image_size:
+                raise PermanentError(
+                    f"model {model.version}: bundle image_size "
+                    f"{self._predictor.info.image_size} differs from the registry's "
+                    f"{model.image_size}"
+                )
+        return self._predictor
+
+    def _count_failures(self, outcomes: list[Any]) -> None:
+        for o in outcomes:
+            if o.state == "failed":
+                self.stats.failed += 1
+            else:
+                self.stats.retried += 1
+
+    # ------------------------------------------------------------------ helpers
+
+    def drain(self, *, until: Callable[[], bool], timeout_s: float | None = None) -> None:
+        """Run the pipeline until ``until()`` is true (``reclassify``, ``classify``, tests)."""
+        stop = threading.Event()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def watch() -> None:
+            while not stop.is_set():
+                if until() or (deadline is not None and time.monotonic() > deadline):
+                    stop.set()
+                    return
+                stop.wait(0.2)
+
+        watcher = threading.Thread(target=watch, name="worker-watch", daemon=True)
+        watcher.start()
+        self.run(stop)
+        watcher.join()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
