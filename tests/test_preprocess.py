@@ -172,3 +172,26 @@ def test_unit_to_tensor_area_average_and_enlarge() -> None:
 def test_unit_to_tensor_rejects_bad_image_size() -> None:
     with pytest.raises(ValueError, match="Received: image_size=0"):
         unit_to_tensor(np.zeros((4, 4), np.float32), 0)
+
+
+def test_dental_modality_lut_sequence_is_applied(dicom_dir: Path) -> None:
+    """JPEG Lossless P14 decode plus a real Modality LUT Sequence (PS3.3 C.11.1): the
+    result equals normalising the looked-up values with no LUT, and differs from
+    ignoring the LUT."""
+    from pacs_classifier.preprocess import dataset_to_unit
+    from pacs_classifier.preprocess.pixels import to_unit
+
+    ds = pydicom.dcmread(dicom_dir / "dental_cr_mono1_jpeg_lossless_modality_lut.dcm")
+    unit = dataset_to_unit(ds)
+    stored = ds.pixel_array
+    table = np.frombuffer(ds.ModalityLUTSequence[0].LUTData, dtype="<u2")
+    plain = Dataset()
+    plain.PhotometricInterpretation = "MONOCHROME1"
+    plain.BitsAllocated, plain.BitsStored, plain.PixelRepresentation = 16, 10, 0
+    assert np.allclose(unit, to_unit(table[stored], plain), atol=1e-6)
+    assert not np.allclose(unit, to_unit(stored, plain), atol=0.01)
+
+
+def test_leg_decodes_although_not_eligible(dicom_dir: Path) -> None:
+    x = normalize_file(dicom_dir / "leg_cr_mono1_10bit_j2k_lossless.dcm", image_size=64)
+    assert x.shape == (64, 64, 3) and -1.0 <= x.min() < x.max() <= 1.0

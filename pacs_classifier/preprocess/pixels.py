@@ -35,10 +35,10 @@ COLOUR: Final = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 # Robust window for data without a VOI: the tails hold collimator edges, markers and
 # dead pixels, which would otherwise compress the anatomy into a few grey levels.
 PERCENTILES: Final = (0.5, 99.5)
-# The percentiles are taken on a regular grid of about this many pixels: exact enough for
-# a window (a 1/512 subsample of a 2k² image still has 16 pixels per grey level of
-# a 12-bit image) and ~20x cheaper than on every pixel.
-PERCENTILE_SAMPLE: Final = 1 << 18
+# The percentiles are taken on a regular grid of at most this many pixels (every 8th row
+# and column of a 2k² image): each 0.5% tail still holds ~330 of them, and np.percentile
+# costs ~1 ms here against ~10 ms at 2^18 (measured on the 2-core dev machine).
+PERCENTILE_SAMPLE: Final = 1 << 16
 # ITU-R BT.601 luma weights, the same for RGB DICOM and RGB JPEG/PNG files.
 BT601: Final = (0.299, 0.587, 0.114)
 
