@@ -1,0 +1,1 @@
+"""Storing: crash-safe files under ``storage.root`` and the ingest transaction."""

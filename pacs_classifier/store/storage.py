@@ -1,0 +1,200 @@
+"""Durable files under ``storage.root``: one file per received instance version.
+
+A file reaches its final name only through a temporary file in ``<root>/.tmp`` that has
+been fsynced, an atomic ``rename`` and an fsync of the directory that now holds it, so a
+crash at any point leaves either the old state or the complete file, never a partial
+one. Temporary files left by a crash are removed when the storage is opened.
+
+Layout: ``<root>/<study uid>/<series uid>/<sop instance uid>.<sha256[:16]>.dcm``. UIDs
+are validated before they become path components, so ``1.2.3/../../x`` cannot escape
+the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacs_classifier.errors import PermanentError, StorageFull
+
+log = logging.getLogger(__name__)
+
+TMP_DIR_NAME = ".tmp"
+#: Prefix of every temporary file we create, so cleanup never touches anything else.
+TMP_PREFIX = "rx-"
+MAX_UID_LENGTH = 64
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_COPY_CHUNK = 1 << 20
+
+
+class InvalidUID(PermanentError):
+    """A UID that is not digits and dots of at most 64 characters (PS3.5 §9.1)."""
+
+
+@dataclass(frozen=True)
+class UIDCheck:
+    """A UID that passed :func:`check_uid`; ``leading_zero`` is worth a warning."""
+
+    uid: str
+    leading_zero: bool
+
+
+def check_uid(value: object, name: str) -> UIDCheck:
+    """Validate a UID for use as a path component (PS3.5 §9.1).
+
+    Digits and dots, at most 64 characters, no empty component. A component with a
+    leading zero (``1.02.3``) breaks the standard but some devices write it: it is
+    accepted and reported so the caller can audit a warning.
+    """
+    text = "" if value is None else str(value)
+    # A trailing NUL is the standard's padding for UI values of odd length.
+    text = text.rstrip("\x00").strip()
+    if not text:
+        raise InvalidUID(f"{name} is empty")
+    if len(text) > MAX_UID_LENGTH:
+        raise InvalidUID(f"{name} is longer than {MAX_UID_LENGTH} characters ({len(text)})")
+    if not _UID_RE.fullmatch(text):
+        raise InvalidUID(f"{name} is not a UID of digits and dots: {text[:80]!r}")
+    leading_zero = any(len(part) > 1 and part.startswith("0") for part in text.split("."))
+    return UIDCheck(text, leading_zero)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Storage:
+    """The folder of received instances, with crash-safe writes."""
+
+    def __init__(self, root: Path, min_free_mb: int) -> None:
+        self.root = root.resolve()
+        self.tmp_dir = self.root / TMP_DIR_NAME
+        self.min_free_mb = min_free_mb
+
+    def open(self) -> int:
+        """Create the folders and delete temporary files left by a crash; return how many."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_file() and entry.name.startswith(TMP_PREFIX):
+                entry.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            fsync_dir(self.tmp_dir)
+            log.warning("removed %d orphan temporary file(s) from %s", removed, self.tmp_dir)
+        return removed
+
+    # ------------------------------------------------------------------ space
+
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def check_free_space(self) -> None:
+        """Raise :class:`StorageFull` when free space is below ``min_free_mb``."""
+        free = self.free_mb()
+        if free < self.min_free_mb:
+            raise StorageFull(
+                f"storage.root {self.root}: {free:.0f} MB free, below "
+                f"storage.min_free_mb = {self.min_free_mb}"
+            )
+
+    # ------------------------------------------------------------------ temporaries
+
+    def new_temp_path(self) -> Path:
+        return self.tmp_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}.part"
+
+    def adopt_temp(self, src: Path) -> Path:
+        """Bring a file written elsewhere (pynetdicom's receive buffer) into ``.tmp``.
+
+        A rename when ``src`` is on the same file system (the normal case: the listener
+        points pynetdicom at ``.tmp``), a copy otherwise.
+        """
+        if src.parent == self.tmp_dir and src.name.startswith(TMP_PREFIX):
+            return src
+        dst = self.new_temp_path()
+        try:
+            os.replace(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with src.open("rb") as fin, dst.open("wb") as fout:
+                shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+            src.unlink(missing_ok=True)
+        return dst
+
+    def write_temp(self, data: bytes) -> Path:
+        """Write ``data`` to a new temporary file (not yet fsynced)."""
+        path = self.new_temp_path()
+        with path.open("wb") as f:
+            f.write(data)
+        return path
+
+    def discard(self, path: Path | None) -> None:
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ final files
+
+    def final_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> Path:
+        """Where an instance version lives; every component is a validated UID or hex."""
+        parts = [
+            check_uid(study_uid, "StudyInstanceUID").uid,
+            check_uid(series_uid, "SeriesInstanceUID").uid,
+            f"{check_uid(sop_uid, 'SOPInstanceUID').uid}.{sha256[:16]}.dcm",
+        ]
+        path = self.root.joinpath(*parts)
+        # Belt and braces: validated UIDs cannot contain separators, but check anyway.
+        if path.resolve().parent.parent.parent != self.root:
+            raise InvalidUID(f"refusing a path outside storage.root: {path}")
+        return path
+
+    def commit_file(self, tmp: Path, final: Path) -> None:
+        """Atomically move an fsynced temporary file to ``final`` and make it durable."""
+        self._ensure_dir(final.parent)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+    def remove_final(self, final: Path) -> None:
+        """Undo :meth:`commit_file` (the database refused the row)."""
+        try:
+            final.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(final.parent)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path.is_dir():
+            return
+        missing: list[Path] = []
+        p = path
+        while not p.is_dir():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            fsync_dir(d.parent)
