@@ -13,8 +13,9 @@ instance ends ``not_assessed`` (SPEC §4). Rules, in order:
    matched as whole words against the lists below, so "THORAX" or "[CHEST,GENERAL]" keep
    a chest film in, and a description naming nothing at all ("No Finding") decides
    nothing. Body Part Examined is one of the texts read: a coded CHEST there outweighs
-   free text naming another region. Image size and aspect were considered and rejected: chest films come in
-   portrait, landscape and square cassettes from 24 x 30 cm (paediatric) upwards.
+   free text naming another region. Image size and aspect were considered and
+   rejected: chest films come in portrait, landscape and square cassettes from
+   24 x 30 cm (paediatric) upwards.
 5. ``multi_frame``: more than one frame.
 6. ``too_small``: the short side under ``rules.min_short_side_px``.
 """

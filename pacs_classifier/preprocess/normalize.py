@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pacs_classifier.config import EligibilityConfig
 from pacs_classifier.errors import NotAssessable
 from pacs_classifier.preprocess import decode, image, pixels, reasons
-from pacs_classifier.preprocess.tensor import unit_to_tensor
+from pacs_classifier.preprocess.tensor import check_image_size, unit_to_tensor
 
 
 def normalize_file(
@@ -32,6 +32,7 @@ def normalize_file(
     ``check_eligibility``'s: the trainer feeds 224² JPEGs through here. OSError (a
     missing or unreadable file) propagates unchanged.
     """
+    check_image_size(image_size)
     rules = rules or EligibilityConfig()
     file = Path(path)
     if decode.sniff(file) == "image":

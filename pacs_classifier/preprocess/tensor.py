@@ -29,8 +29,7 @@ def unit_to_tensor(unit: NDArray[np.float32], image_size: int) -> FloatImage:
     (0 → -1) square, the grey copied to 3 channels, then ``2x - 1`` as InceptionV3's
     ``preprocess_input`` expects.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int. Received: image_size={image_size!r}")
+    check_image_size(image_size)
     if unit.ndim != 2 or unit.shape[0] < 1 or unit.shape[1] < 1:
         raise ValueError(f"expected a non-empty 2-D image. Received: shape={unit.shape}")
     rows, cols = unit.shape
@@ -46,6 +45,12 @@ def unit_to_tensor(unit: NDArray[np.float32], image_size: int) -> FloatImage:
     square *= np.float32(2.0)
     square -= np.float32(1.0)
     return np.repeat(square[:, :, np.newaxis], 3, axis=2)
+
+
+def check_image_size(image_size: int) -> None:
+    """Raise ValueError unless ``image_size`` is a positive int (checked before decoding)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int. Received: image_size={image_size!r}")
 
 
 def resize(image: NDArray[np.float32], out_rows: int, out_cols: int) -> FloatImage:
