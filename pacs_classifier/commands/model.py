@@ -1,0 +1,94 @@
+"""``model register|list|activate``: the model registry in the database."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from pathlib import Path
+from typing import Any
+
+from pacs_classifier.wiring import load_app
+
+ORDER = 42
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("model", help="the model registry")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    reg = msub.add_parser("register", help="check a bundle and copy it into model.dir")
+    reg.add_argument("dir", type=Path, help="bundle folder")
+    reg.add_argument("--activate", action="store_true", help="make it the active model")
+    reg.set_defaults(func=run_register)
+    lst = msub.add_parser("list", help="registered models")
+    lst.set_defaults(func=run_list)
+    act = msub.add_parser("activate", help="make a registered model the active one")
+    act.add_argument("version")
+    act.set_defaults(func=run_activate)
+
+
+def actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def run_register(args: argparse.Namespace) -> int:
+    from pacs_classifier.infer.registry import register_bundle
+
+    app = load_app(args)
+    try:
+        row = register_bundle(
+            app.checked_db(), args.dir, app.config.model_dir, actor=actor(), activate=args.activate
+        )
+    finally:
+        app.close()
+    state = "active" if row.active else "registered"
+    print(
+        f"model {row.version} {state} (threshold {row.threshold:.4f}, image size {row.image_size})"
+    )
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from pacs_classifier.infer.registry import list_models
+
+    app = load_app(args)
+    try:
+        with app.checked_db().session() as session:
+            rows = list_models(session)
+            lines = [
+                (
+                    ("*" if r.active else " "),
+                    r.version,
+                    f"{r.threshold:.4f}",
+                    str(r.image_size),
+                    _auc(r.metrics),
+                    r.registered_at.isoformat(timespec="seconds"),
+                )
+                for r in rows
+            ]
+    finally:
+        app.close()
+    if not lines:
+        print("no models registered")
+        return 0
+    header = (" ", "version", "threshold", "size", "val AUC", "registered_at")
+    widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(len(header))]
+    for row in [header, *lines]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _auc(metrics: dict[str, Any]) -> str:
+    value = metrics.get("auc") if isinstance(metrics, dict) else None
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+def run_activate(args: argparse.Namespace) -> int:
+    from pacs_classifier.infer.registry import activate_version
+
+    app = load_app(args)
+    try:
+        row = activate_version(app.checked_db(), args.version, actor=actor())
+    finally:
+        app.close()
+    print(f"model {row.version} is now active")
+    return 0

@@ -1,0 +1,1 @@
+"""Training and evaluation: two-phase transfer learning on a labelled folder."""

@@ -1,0 +1,293 @@
+"""The trainer: patient-level split, the two phases, the bundle, bad inputs.
+
+Tests train for real, on a few dozen images at 75 px (the smallest InceptionV3 input).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pacs_classifier.errors import PermanentError
+from pacs_classifier.infer.bundle import load_keras_model, read_bundle
+from pacs_classifier.train.data import list_samples, patient_group, patient_split
+from pacs_classifier.train.model import BASE_NAME, BaseWeights, build_base
+from pacs_classifier.train.trainer import TrainOptions, train
+
+SIZE = 75
+
+
+def _tiny_dataset(cxr_dir: Path, dest: Path, per_class: int = 16) -> Path:
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (dest / cls).mkdir(parents=True)
+        for path in sorted((cxr_dir / cls).iterdir())[:per_class]:
+            shutil.copy(path, dest / cls / path.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_data(cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_dataset(cxr_dir, tmp_path_factory.mktemp("data"))
+
+
+def _opts(data: Path, out: Path, **kw: object) -> TrainOptions:
+    base: dict[str, object] = {
+        "data": data,
+        "out": out,
+        "weights": "none",
+        "image_size": SIZE,
+        "epochs_frozen": 1,
+        "epochs_finetune": 1,
+        "batch_size": 8,
+        "progress": False,
+        "patience": 1,
+    }
+    base.update(kw)
+    return TrainOptions(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    train(_opts(tiny_data, out, version="tiny-1"))
+    return out
+
+
+# ------------------------------------------------------------------ split
+
+
+@pytest.mark.parametrize(
+    ("name", "group"),
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1000_virus_1681.jpeg", "person1000"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0115-0002.jpeg", "IM-0115"),
+        ("other.png", "other.png"),
+    ],
+)
+def test_patient_group(name: str, group: str) -> None:
+    assert patient_group(name) == group
+
+
+def test_split_on_the_real_train_folder_has_no_shared_patient(cxr_dir: Path) -> None:
+    samples = list_samples(cxr_dir)
+    split = patient_split(samples, 0.2, seed=7)
+    train_groups = {s.group for s in split.train}
+    val_groups = {s.group for s in split.val}
+    assert not train_groups & val_groups
+    assert len(split.train) + len(split.val) == len(samples) == 5216
+    for label in (0, 1):  # stratified: each class near 20% in validation
+        n_val = sum(s.label == label for s in split.val)
+        n_all = sum(s.label == label for s in samples)
+        assert 0.18 < n_val / n_all < 0.25
+    again = patient_split(samples, 0.2, seed=7)
+    assert [s.path for s in again.val] == [s.path for s in split.val]
+    other = patient_split(samples, 0.2, seed=8)
+    assert {s.group for s in other.val} != val_groups
+
+
+# ------------------------------------------------------------------ phases
+
+
+def _layer_weights(layers: list[Any]) -> list[tuple[str, list[np.ndarray]]]:
+    """(layer type, weights) in layer order: names differ between Keras sessions."""
+    return [
+        (type(layer).__name__, [np.asarray(w.numpy()) for w in layer.weights]) for layer in layers
+    ]
+
+
+def _as_stored(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    return [a.astype(np.float16).astype(np.float32) for a in arrays]
+
+
+def test_phase1_leaves_the_base_bit_identical(
+    tiny_data: Path, base_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "p1"
+    train(
+        _opts(
+            tiny_data,
+            out,
+            weights=str(base_weights),
+            epochs_finetune=0,
+            base_cut="mixed10",
+            base_input_range="unit",
+        )
+    )
+    model = load_keras_model(read_bundle(out))
+    trained = _layer_weights(model.get_layer(BASE_NAME).layers)
+    fresh = _layer_weights(build_base(BaseWeights.parse(str(base_weights)), SIZE).layers)
+    assert len(trained) == len(fresh)
+    for (kind_a, after), (kind_b, before) in zip(trained, fresh, strict=True):
+        assert kind_a == kind_b
+        for a, b in zip(after, _as_stored(before), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=kind_a)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["history"]["phase2"] == {}
+    assert (
+        meta["base_weights"]["sha256"]
+        == "ddab033857ceac05bd5912e1823420472952e2862ffbce0ba71715fa34c2f9a5"
+    )
+
+
+def test_phase2_trains_only_the_unfrozen_blocks_and_keeps_batchnorm_statistics(
+    tiny_data: Path, base_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "p2"
+    train(
+        _opts(
+            tiny_data,
+            out,
+            weights=str(base_weights),
+            epochs_finetune=1,
+            base_cut="mixed10",
+            unfreeze_from="mixed9",
+            base_input_range="unit",
+            lr_finetune=1e-3,
+        )
+    )
+    model = load_keras_model(read_bundle(out))
+    trained = _layer_weights(model.get_layer(BASE_NAME).layers)
+    fresh_base = build_base(BaseWeights.parse(str(base_weights)), SIZE)
+    fresh = _layer_weights(fresh_base.layers)
+    start = [layer.name for layer in fresh_base.layers].index("mixed8") + 1
+    changed_above = 0
+    for idx, ((kind, after), (_, before)) in enumerate(zip(trained, fresh, strict=True)):
+        for a, b in zip(after, _as_stored(before), strict=True):
+            if idx < start or kind == "BatchNormalization":
+                # frozen blocks, and every BatchNorm statistic and parameter
+                np.testing.assert_array_equal(a, b, err_msg=f"layer {idx} ({kind})")
+            elif not np.array_equal(a, b):
+                changed_above += 1
+    assert changed_above > 0, "no weight of the unfrozen blocks changed in phase 2"
+
+
+def test_bundle_metadata_and_plots(tiny_bundle: Path) -> None:
+    info = read_bundle(tiny_bundle)
+    meta = info.metadata
+    assert info.version == "tiny-1"
+    assert meta["image_size"] == SIZE
+    assert set(meta["metrics"]) >= {"phase1", "phase1_chosen", "final"}
+    assert 0 < meta["threshold"]["value"] < 1
+    assert "sensitivity" in meta["threshold"]["rule"]
+    assert meta["calibration"]["temperature"] > 0
+    split = json.loads((tiny_bundle / "split.json").read_text())
+    assert not {patient_group(n) for n in split["train"]} & {patient_group(n) for n in split["val"]}
+    for plot in ("training_curves", "roc", "precision_recall", "confusion_matrix", "calibration"):
+        assert (tiny_bundle / "plots" / f"{plot}.png").stat().st_size > 1000
+    final = meta["metrics"]["final"]
+    # the threshold rule holds on validation
+    assert final["sensitivity"] >= 0.97
+
+
+def test_evaluate_reproduces_the_recorded_validation_metrics(
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from pacs_classifier.train.evaluate import evaluate_bundle
+
+    split = json.loads((tiny_bundle / "split.json").read_text())
+    val_dir = tmp_path / "val"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (val_dir / cls).mkdir(parents=True)
+        for path in (tiny_data / cls).iterdir():
+            if path.name in split["val"]:
+                shutil.copy(path, val_dir / cls / path.name)
+    ev = evaluate_bundle(tiny_bundle, val_dir, tmp_path / "eval", progress=False)
+    recorded = read_bundle(tiny_bundle).metadata["metrics"]["final"]
+    assert ev.metrics["n"] == recorded["n"]
+    assert ev.metrics["confusion"] == recorded["confusion"]
+    assert ev.metrics["auc"] == pytest.approx(recorded["auc"], abs=1e-9)
+    assert ev.metrics["brier"] == pytest.approx(recorded["brier"], abs=1e-5)
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pacs_classifier", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pacs-classifier: error")]
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_folder_fails_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "d" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "d" / "PNEUMONIA").mkdir()
+    proc = _cli(
+        "train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--weights", "none"
+    )
+    _assert_one_line_error(proc, "no images of class NORMAL")
+
+
+def test_one_class_only_fails(tmp_path: Path, tiny_data: Path) -> None:
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data / "NORMAL", data / "NORMAL")
+    (data / "PNEUMONIA").mkdir()
+    with pytest.raises(PermanentError, match="both classes"):
+        list_samples(data)
+
+
+def test_unreadable_image_fails_naming_the_file(tmp_path: Path, tiny_data: Path) -> None:
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    (data / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"not a jpeg at all")
+    proc = _cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+        "--weights",
+        "none",
+        "--image-size",
+        "75",
+        "--quiet",
+    )
+    _assert_one_line_error(proc, "IM-9999-0001.jpeg")
+
+
+def test_wrong_weights_file_fails_with_one_line(tmp_path: Path, tiny_data: Path) -> None:
+    bogus = tmp_path / "bogus.weights.h5"
+    bogus.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    proc = _cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "o"),
+        "--weights",
+        str(bogus),
+        "--image-size",
+        "75",
+        "--quiet",
+    )
+    _assert_one_line_error(proc, "cannot be loaded into InceptionV3")
+    proc = _cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "o"),
+        "--weights",
+        str(tmp_path / "absent.h5"),
+    )
+    _assert_one_line_error(proc, "not 'imagenet', 'none' or a file")
