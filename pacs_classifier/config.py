@@ -365,9 +365,9 @@ def _validate(c: Config) -> None:
     need(w.retry_backoff_s >= 0, "worker.retry_backoff_s", "must be >= 0")
     s = c.scheduler
     need(
-        len(s.reclassify_cron.split()) == 5,
+        len(s.reclassify_cron.split()) in (5, 6),
         "scheduler.reclassify_cron",
-        f"expected 5 cron fields, received {s.reclassify_cron!r}",
+        f"expected 5 cron fields (6 with seconds first), received {s.reclassify_cron!r}",
     )
     try:
         from zoneinfo import ZoneInfo
