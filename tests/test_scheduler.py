@@ -77,17 +77,17 @@ def test_nightly_run_happens_once_with_one_leader(
     with database.session() as s:
         v2 = s.execute(select(Model).where(Model.version == "tiny-v2")).scalar_one()
         appended = list(s.execute(select(Prediction).where(Prediction.run_id == run.id)).scalars())
-        run = s.get(ReclassificationRun, run.id, populate_existing=True)
-    assert run is not None
+        closed = s.get(ReclassificationRun, run.id, populate_existing=True)
+    assert closed is not None
     assert sorted(p.instance_id for p in appended) == instances
     assert {p.model_id for p in appended} == {v2.id}
-    assert (run.state, run.model_id, run.instances_total, run.instances_done) == (
+    assert (closed.state, closed.model_id, closed.instances_total, closed.instances_done) == (
         RunState.DONE,
         v2.id,
         3,
         3,
     )
-    assert run.labels_changed == 3  # v1 said NORMAL to all, v2 says PNEUMONIA
+    assert closed.labels_changed == 3  # v1 said NORMAL to all, v2 says PNEUMONIA
 
 
 def test_missed_run_is_caught_up_once_after_restart(
