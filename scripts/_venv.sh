@@ -18,8 +18,13 @@ ensure_venv() {
         fi
         echo "creating .venv with $("$py" --version)" >&2
         "$py" -m venv .venv
-        .venv/bin/python -m pip install -q --upgrade pip
+        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     fi
     # Every run, so a changed pyproject.toml is picked up; quick when nothing changed.
-    .venv/bin/python -m pip install -q -e "$spec"
+    # The build backend's chatter goes to a log, shown only when the install fails.
+    if ! .venv/bin/python -m pip install -q -e "$spec" >.venv/pip-install.log 2>&1; then
+        tail -n 30 .venv/pip-install.log >&2
+        echo "pip install -e '$spec' failed (full log: .venv/pip-install.log)" >&2
+        return 1
+    fi
 }
