@@ -312,3 +312,48 @@ JOIN predictions p ON p.id = (
 )
 JOIN models m ON m.id = p.model_id
 """
+
+RESULTS_VIEW = "v_results"
+
+
+def results_view_sql(dialect: str) -> str:
+    """One row per instance version: its day, first-result turnaround, latest result.
+
+    The only dialect-specific parts are the day and the seconds between two timestamps;
+    they live here so the reporting SQL on top of this view is the same on both databases.
+    """
+    if dialect == "postgresql":
+        day = "to_char(i.received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+        seconds = "EXTRACT(EPOCH FROM (f.created_at - i.received_at))"
+    else:
+        day = "strftime('%Y-%m-%d', i.received_at)"
+        seconds = "(julianday(f.created_at) - julianday(i.received_at)) * 86400.0"
+    return f"""
+SELECT
+    i.id AS instance_id,
+    i.sop_instance_uid,
+    i.study_instance_uid,
+    i.accession_number,
+    i.patient_id,
+    i.modality,
+    i.calling_ae,
+    i.received_at,
+    {day} AS received_day,
+    (SELECT j.state FROM jobs j WHERE j.instance_id = i.id ORDER BY j.id DESC LIMIT 1)
+        AS job_state,
+    (SELECT j.reason FROM jobs j WHERE j.instance_id = i.id ORDER BY j.id DESC LIMIT 1)
+        AS job_reason,
+    f.created_at AS first_classified_at,
+    {seconds} AS turnaround_s,
+    l.label,
+    l.probability,
+    m.version AS model_version
+FROM instances i
+LEFT JOIN predictions f ON f.id = (
+    SELECT MIN(p.id) FROM predictions p WHERE p.instance_id = i.id
+)
+LEFT JOIN predictions l ON l.id = (
+    SELECT MAX(p.id) FROM predictions p WHERE p.instance_id = i.id
+)
+LEFT JOIN models m ON m.id = l.model_id
+"""
