@@ -85,6 +85,7 @@ class Worker:
         *,
         jobs: JobQueue | None = None,
         run_id: int | None = None,
+        job_ids: list[int] | None = None,
         loader: PredictorLoader = _default_loader,
     ) -> None:
         self.db = db
@@ -92,6 +93,8 @@ class Worker:
         self.jobs = jobs or JobQueue(db, QueuePolicy.from_config(config.worker))
         #: When set, only this reclassification run's jobs are claimed (``reclassify``).
         self.run_id = run_id
+        #: When set, only these jobs are claimed (``classify --record``).
+        self.job_ids = job_ids
         self._loader = loader
         self._predictor: Predictor | None = None
         self._predictor_model_id: int | None = None
@@ -200,7 +203,7 @@ class Worker:
     def gather(self, stop: threading.Event) -> list[ClaimedJob]:
         """Claim up to ``batch_size`` jobs, waiting at most ``max_batch_wait_ms`` to fill."""
         size = self.config.worker.batch_size
-        claimed = self.jobs.claim(size, run_id=self.run_id)
+        claimed = self.jobs.claim(size, run_id=self.run_id, job_ids=self.job_ids)
         if not claimed:
             return []
         deadline = time.monotonic() + self.config.worker.max_batch_wait_ms / 1000
@@ -209,7 +212,9 @@ class Worker:
             if left <= 0:
                 break
             time.sleep(min(left, 0.05))
-            claimed += self.jobs.claim(size - len(claimed), run_id=self.run_id)
+            claimed += self.jobs.claim(
+                size - len(claimed), run_id=self.run_id, job_ids=self.job_ids
+            )
         return claimed
 
     def prepare(self, claimed: list[ClaimedJob], model: ModelRef, path: str) -> PreparedBatch:

@@ -130,8 +130,14 @@ class JobQueue:
 
     # ------------------------------------------------------------------ claiming
 
-    def claim(self, limit: int, *, run_id: int | None = None) -> list[ClaimedJob]:
-        """Lease up to ``limit`` queued jobs (oldest first); ``run_id`` narrows to one run."""
+    def claim(
+        self, limit: int, *, run_id: int | None = None, job_ids: Sequence[int] | None = None
+    ) -> list[ClaimedJob]:
+        """Lease up to ``limit`` queued jobs (oldest first).
+
+        ``run_id`` narrows to one reclassification run, ``job_ids`` to given jobs
+        (``classify --record`` processes its own jobs and no one else's).
+        """
         if limit < 1:
             return []
         if time.monotonic() >= self._next_reclaim:
@@ -151,6 +157,8 @@ class JobQueue:
             )
             if run_id is not None:
                 query = query.where(Job.run_id == run_id)
+            if job_ids is not None:
+                query = query.where(Job.id.in_(list(job_ids)))
             ids = list(session.execute(query).scalars())
             if not ids:
                 return []

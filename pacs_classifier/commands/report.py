@@ -1,0 +1,56 @@
+"""``report [NAME] [--since ISO] [--until ISO] [--format table|csv|json] [--study UID]``."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from pacs_classifier.errors import PermanentError
+from pacs_classifier.report import queries
+from pacs_classifier.wiring import load_app
+
+ORDER = 60
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "report", help="run a named reporting query; no NAME lists them"
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="the report to run")
+    p.add_argument("--since", type=parse_time, metavar="ISO", help="from this UTC time (incl.)")
+    p.add_argument("--until", type=parse_time, metavar="ISO", help="up to this UTC time (excl.)")
+    p.add_argument("--format", choices=queries.FORMATS, default="table")
+    p.add_argument("--study", metavar="UID", help="Study Instance UID (audit_trail)")
+    p.set_defaults(func=run_report)
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO date or date-time; without a zone it is UTC."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    if args.name is None:
+        for report in queries.available().values():
+            extra = " (--study UID)" if "study" in report.params else ""
+            print(f"{report.name:<16} {report.title}{extra}")
+        return 0
+    report = queries.get(args.name)
+    if args.since and args.until and args.since >= args.until:
+        raise PermanentError("--since must be before --until")
+    app = load_app(args)
+    try:
+        db = app.checked_db()
+        with db.session() as session:
+            result = queries.run(
+                session, report, since=args.since, until=args.until, study=args.study
+            )
+    finally:
+        app.close()
+    print(queries.render(result, args.format))
+    return 0
