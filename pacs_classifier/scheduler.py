@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from pacs_classifier.config import SchedulerConfig
+
+if TYPE_CHECKING:
+    from pacs_classifier.wiring import App
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import (
     ReclassificationRun,
@@ -319,3 +323,13 @@ class NightlyScheduler:
 def _url_without_password(url: str) -> str:
     """The job's stored argument: never a secret in the database."""
     return make_url(url).set(password=None).render_as_string(hide_password=False)
+
+
+def start_role(app: App) -> Callable[[], None]:
+    """``serve --roles scheduler``: stand by for leadership and schedule while leading."""
+    if not app.config.scheduler.enabled:
+        log.info("scheduler: disabled in the configuration (scheduler.enabled = false)")
+        return lambda: None
+    scheduler = app.scheduler()
+    scheduler.start()
+    return scheduler.stop

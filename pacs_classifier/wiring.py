@@ -17,7 +17,9 @@ from pacs_classifier.db.engine import Database
 from pacs_classifier.db.migrate import require_head
 
 if TYPE_CHECKING:
+    from pacs_classifier.infer.worker import Worker
     from pacs_classifier.receive.listener import Listener
+    from pacs_classifier.scheduler import NightlyScheduler
     from pacs_classifier.store.storage import Storage
 
 
@@ -65,6 +67,18 @@ class App:
             Ingestor(db, self.storage),
             ssl_context=build_ssl_context(self.config),
         )
+
+    def worker(self) -> Worker:
+        """A classification worker on a schema-checked database (``--roles worker``)."""
+        from pacs_classifier.infer.worker import Worker
+
+        return Worker(self.checked_db(), self.config)
+
+    def scheduler(self) -> NightlyScheduler:
+        """The nightly reclassification scheduler (``--roles scheduler``)."""
+        from pacs_classifier.scheduler import NightlyScheduler
+
+        return NightlyScheduler(self.checked_db(), self.config.scheduler)
 
     def close(self) -> None:
         if "db" in self.__dict__:

@@ -28,12 +28,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.config import Config
+
+if TYPE_CHECKING:
+    from pacs_classifier.wiring import App
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import JobKind
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
@@ -366,3 +369,21 @@ class Worker:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def start_role(app: App) -> Callable[[], None]:
+    """``serve --roles worker``: run a worker in a thread; return how to stop it.
+
+    Stopping stops claiming, finishes the batches already prepared, releases the rest and
+    waits for the thread.
+    """
+    worker = app.worker()
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
+    thread.start()
+
+    def halt() -> None:
+        stop.set()
+        thread.join()
+
+    return halt
