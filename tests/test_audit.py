@@ -4,6 +4,7 @@ with any row is caught by ``pacs-classifier audit verify``, which names the row.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -106,6 +107,7 @@ def test_concurrent_appends_from_two_processes_keep_one_chain(
         while any(p.is_alive() for p in procs):
             report = _verify(db_url)
             assert report.ok, report
+            time.sleep(0.1)  # leave the writers most of the lock (SQLite verifies under it)
         for p in procs:
             p.join(timeout=600)
     finally:
