@@ -139,11 +139,24 @@ def test_unreachable_database_is_one_line(tmp_path: Path, command: list[str]) ->
 
 
 def test_unopenable_sqlite_file_is_one_line(tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("", encoding="utf-8")
-    url = f"sqlite:///{blocker / 'pacs.sqlite3'}"  # a folder that cannot exist
+    url = f"sqlite:///{tmp_path}"  # a folder, not a database file
     proc = _run(["status"], tmp_path, PACS_CLASSIFIER__DATABASE__URL=url)
     assert "database unavailable" in _one_error_line(proc)
+
+
+@pytest.mark.parametrize("command", [["status"], ["audit", "verify"]])
+def test_missing_sqlite_file_names_db_upgrade_and_is_not_created(
+    tmp_path: Path, command: list[str]
+) -> None:
+    db_file = tmp_path / "var" / "pacs.sqlite3"
+    proc = _run(
+        ["--config", str(_config(tmp_path, "sqlite:///var/pacs.sqlite3")), *command], tmp_path
+    )
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert f"{db_file} does not exist" in line
+    assert "pacs-classifier db upgrade" in line
+    assert not db_file.exists()
 
 
 @pytest.mark.parametrize("command", [["status"], ["audit", "verify"]])
