@@ -131,3 +131,10 @@ def test_report_command_lists_and_formats(
     bad = cli(cfg, "report", "nope")
     assert bad.returncode == 2 and "no report named 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_docs_show_every_report_with_its_sql() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text("utf-8")
+    for report in queries.available().values():
+        assert f"## `{report.name}`" in docs
+        assert report.sql in docs, f"docs/reports.md has an outdated copy of {report.name}"
