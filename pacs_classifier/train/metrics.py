@@ -120,13 +120,22 @@ def bootstrap_intervals(
 
 
 def threshold_for_sensitivity(y: npt.ArrayLike, p: npt.ArrayLike, target: float) -> float:
-    """The highest threshold that keeps sensitivity ≥ ``target`` (label = p ≥ threshold)."""
+    """The highest threshold that keeps sensitivity ≥ ``target`` (label = p ≥ threshold).
+
+    Every threshold in ``(next lower probability, k-th highest positive]`` gives the same
+    validation confusion matrix; the midpoint of that interval is returned, so a last-bit
+    difference in a served probability cannot flip the positive that sits on the boundary.
+    """
     y_arr = np.asarray(y).astype(bool)
-    pos = np.sort(np.asarray(p, dtype=np.float64)[y_arr])[::-1]
+    p_arr = np.asarray(p, dtype=np.float64)
+    pos = np.sort(p_arr[y_arr])[::-1]
     if len(pos) == 0:
         raise ValueError("no positive examples to choose a threshold on")
     k = max(1, math.ceil(target * len(pos) - 1e-9))
-    return float(pos[k - 1])
+    edge = float(pos[k - 1])
+    below = p_arr[p_arr < edge]
+    lower = float(below.max()) if len(below) else 0.0
+    return (edge + lower) / 2
 
 
 def fit_temperature(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
