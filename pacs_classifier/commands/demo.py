@@ -1,0 +1,349 @@
+"""``demo``: the whole path end to end on this machine, in a few minutes (SPEC §8).
+
+1. trains a small model with the project's trainer on the sample shipped in
+   ``pacs_classifier/demo_data/train`` (40 images) and registers it;
+2. registers and activates the committed reference model (``models/reference``) when the
+   checkout has one, otherwise activates the small model;
+3. starts the daemon (listener and worker roles) on a free local port with SQLite in a
+   temporary folder;
+4. wraps the images of ``demo_data/incoming`` as CR chest DICOM files, adds the real DICOM
+   samples of ``../shared/data/dicom`` when that folder is there, and sends them all over a
+   real DICOM association (C-STORE);
+5. waits for their results and prints the reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pacs_classifier.errors import PacsClassifierError, PermanentError
+
+ORDER = 90
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+DEMO_DATA = PACKAGE_DIR / "demo_data"
+REPO_DIR = PACKAGE_DIR.parent
+REFERENCE_MODEL = REPO_DIR / "models" / "reference"
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CALLING_AE = "DEMO_SCU"
+#: The shipped sample is 224 px; the default eligibility asks for 256 on the short side.
+DEMO_MIN_SHORT_SIDE = 224
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workdir: Path
+    image_size: int
+    epochs: int
+    weights: str
+    shared: Path | None
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "demo", help="train a small model, run the daemon, send DICOM files, print reports"
+    )
+    p.add_argument("--workdir", type=Path, help="keep everything here (default: a temp folder)")
+    p.add_argument("--image-size", type=int, default=96, help="small model input size")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per training phase")
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help="base weights: auto (../shared's InceptionV3 file if present, else none), "
+        "imagenet, none or a file",
+    )
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The demo prints its own account of each step; keep the libraries' chatter out.
+    for name, level in (
+        ("alembic", logging.WARNING),
+        ("pynetdicom", logging.WARNING),
+        ("pydicom", logging.ERROR),
+        ("pacs_classifier.receive", logging.WARNING),
+        ("pacs_classifier.preprocess", logging.ERROR),
+    ):
+        logging.getLogger(name).setLevel(level)
+    keep = args.workdir is not None
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    shared = _shared_dir()
+    weights = args.weights
+    if weights == "auto":
+        candidate = shared / "weights" / "inception_v3_notop.weights.h5" if shared else None
+        weights = str(candidate) if candidate and candidate.is_file() else "none"
+    opts = DemoOptions(workdir.resolve(), args.image_size, args.epochs, weights, shared)
+    try:
+        Demo(opts).run()
+    finally:
+        if keep:
+            print(f"\neverything is kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _shared_dir() -> Path | None:
+    env = os.environ.get("PACS_CLASSIFIER_SHARED")
+    candidate = Path(env) if env else REPO_DIR.parent / "shared"
+    return candidate if (candidate / "data").is_dir() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+class Demo:
+    """The demo's steps, in order; each prints what it did."""
+
+    def __init__(self, opts: DemoOptions) -> None:
+        from pacs_classifier.config import config_from_mapping
+
+        self.opts = opts
+        w = opts.workdir
+        self.config = config_from_mapping(
+            {
+                "database": {"url": f"sqlite:///{w / 'demo.sqlite3'}"},
+                "storage": {"root": str(w / "dicom"), "min_free_mb": 50},
+                "model": {"dir": str(w / "models")},
+                "listener": {"port": _free_port(), "ae_title": "PNEUMONIA_AI"},
+                "eligibility": {"min_short_side_px": DEMO_MIN_SHORT_SIDE},
+                "worker": {"batch_size": 8, "max_batch_wait_ms": 200, "poll_interval_ms": 100},
+                "scheduler": {"enabled": False},
+            },
+            base_dir=w,
+        )
+
+    def run(self) -> None:
+        from pacs_classifier.db import migrate
+        from pacs_classifier.wiring import App
+
+        started = time.monotonic()
+        _say(f"database: {self.config.database_url}")
+        migrate.upgrade(self.config.database_url)
+        app = App(self.config)
+        try:
+            bundle = self.train()
+            active = self.register(app, bundle)
+            files = self.make_dicoms()
+            stop = self.start_daemon(app)
+            try:
+                sent = self.send(files)
+                self.wait(app, sent)
+            finally:
+                stop()
+            self.print_reports(app)
+            _say(f"demo finished in {time.monotonic() - started:.0f} s (active model {active})")
+        finally:
+            app.close()
+
+    # ------------------------------------------------------------------ steps
+
+    def train(self) -> Path:
+        from pacs_classifier.train.trainer import TrainOptions, train
+
+        o = self.opts
+        weights_name = Path(o.weights).name if o.weights not in ("none", "imagenet") else o.weights
+        _say(
+            f"training a small model on {DEMO_DATA / 'train'} (40 images, {o.image_size} px, "
+            f"{o.epochs}+{o.epochs} epochs, base weights {weights_name})"
+        )
+        t0 = time.monotonic()
+        result = train(
+            TrainOptions(
+                data=DEMO_DATA / "train",
+                out=o.workdir / "trained",
+                weights=o.weights,
+                image_size=o.image_size,
+                epochs_frozen=o.epochs,
+                epochs_finetune=o.epochs,
+                batch_size=16,
+                val_fraction=0.25,
+                version=f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+                progress=False,
+            )
+        )
+        print(f"trained {result.version} in {time.monotonic() - t0:.0f} s -> {result.out}")
+        return result.out
+
+    def register(self, app: Any, bundle: Path) -> str:
+        from pacs_classifier.infer.registry import register_bundle
+
+        has_reference = (REFERENCE_MODEL / "metadata.json").is_file()
+        small = register_bundle(
+            app.db, bundle, self.config.model_dir, actor="demo", activate=not has_reference
+        )
+        print(f"registered {small.version}")
+        if not has_reference:
+            print(f"no reference model at {REFERENCE_MODEL}: the small model is active")
+            return small.version
+        ref = register_bundle(
+            app.db, REFERENCE_MODEL, self.config.model_dir, actor="demo", activate=True
+        )
+        print(f"registered and activated the reference model {ref.version}")
+        return ref.version
+
+    def make_dicoms(self) -> list[Path]:
+        out = self.opts.workdir / "outgoing"
+        out.mkdir(exist_ok=True)
+        files = [
+            wrap_as_cr(jpeg, out / f"{jpeg.stem}.dcm", n)
+            for n, jpeg in enumerate(sorted((DEMO_DATA / "incoming").glob("*.jpeg")))
+        ]
+        print(f"wrapped {len(files)} sample images as CR chest DICOM files")
+        if self.opts.shared is not None and (self.opts.shared / "data" / "dicom").is_dir():
+            real = sorted((self.opts.shared / "data" / "dicom").glob("*.dcm"))
+            files += real
+            print(f"plus {len(real)} real DICOM files from {self.opts.shared / 'data' / 'dicom'}")
+        return files
+
+    def start_daemon(self, app: Any) -> Any:
+        from pacs_classifier.infer.worker import start_role
+
+        listener = app.listener()
+        listener.start()
+        stop_worker = start_role(app)
+        host, port = listener.address
+        _say(f"daemon listening as {self.config.listener.ae_title} on {host}:{port}")
+
+        def stop() -> None:
+            stop_worker()
+            listener.stop()
+
+        return stop
+
+    def send(self, files: list[Path]) -> int:
+        """One association, one C-STORE per file; returns how many were accepted."""
+        from pynetdicom import AE
+
+        from pacs_classifier.preprocess.decode import read_dataset
+
+        datasets = [read_dataset(f) for f in files]
+        ae = AE(ae_title=CALLING_AE)
+        contexts = sorted(
+            {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}
+        )
+        for sop_class, syntax in contexts:
+            ae.add_requested_context(sop_class, syntax)
+        listener = self.config.listener
+        _say(
+            f"sending {len(files)} files over one association ({CALLING_AE} -> {listener.ae_title})"
+        )
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.ae_title)
+        if not assoc.is_established:
+            raise PermanentError("the demo daemon refused the association")
+        accepted = 0
+        try:
+            for path, ds in zip(files, datasets, strict=True):
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if status else -1
+                accepted += code == 0
+                print(f"  C-STORE {path.name}: status 0x{code & 0xFFFF:04X}")
+        finally:
+            assoc.release()
+        return accepted
+
+    def wait(self, app: Any, sent: int, timeout_s: float = 600) -> None:
+        from sqlalchemy import func, select
+
+        from pacs_classifier.db.models import Job, JobState
+
+        _say("waiting for the results")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with app.db.session() as session:
+                total = session.scalar(select(func.count()).select_from(Job)) or 0
+                open_jobs = session.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+                )
+            if total >= sent and not open_jobs:
+                print(f"all {total} jobs ended")
+                return
+            time.sleep(0.5)
+        raise PacsClassifierError(f"results not ready after {timeout_s:.0f} s")
+
+    def print_reports(self, app: Any) -> None:
+        from sqlalchemy import text
+
+        from pacs_classifier.report import queries
+
+        with app.db.session() as session:
+            latest = session.execute(
+                text(
+                    "SELECT patient_id, accession_number, model_version, label, "
+                    "ROUND(probability, 3) AS probability, classified_at "
+                    "FROM v_latest_predictions ORDER BY instance_id"
+                )
+            )
+            rows = queries.Result(list(latest.keys()), [tuple(r) for r in latest.all()])
+            _say("v_latest_predictions (one row per classified instance)")
+            print(queries.render(rows, "table"))
+            study = session.execute(
+                text("SELECT study_instance_uid FROM instances ORDER BY id LIMIT 1")
+            ).scalar_one_or_none()
+            for name in ("daily_volume", "turnaround", "unclassified", "audit_trail"):
+                report = queries.get(name)
+                _say(f"report {name}: {report.title}")
+                result = queries.run(session, report, study=study)
+                print(queries.render(result, "table"))
+
+
+def wrap_as_cr(jpeg: Path, out: Path, n: int) -> Path:
+    """An 8-bit grey CR chest PA data set around a JPEG's pixels (what a digitiser sends)."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(Image.open(jpeg).convert("L"), dtype=np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CR_IMAGE_STORAGE)
+    sop_instance_uid = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = f"DEMO{n:04d}"
+    ds.AccessionNumber = f"DEMOACC{n:04d}"
+    ds.StudyDate = datetime.now(UTC).strftime("%Y%m%d")
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(out, enforce_file_format=True)
+    return out
