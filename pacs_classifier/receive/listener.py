@@ -157,6 +157,8 @@ class HandlerContext:
     storage: Storage
     ingestor: Ingestor
     allowed_calling_aets: tuple[str, ...]
+    #: A temporary file idle this long belongs to an aborted transfer.
+    stale_temp_s: float = 120.0
     in_flight: _InFlight = field(default_factory=_InFlight)
 
 
@@ -211,6 +213,14 @@ def handle_rejected(event: Any, ctx: HandlerContext) -> None:
         outcome="rejected",
         detail=detail,
     )
+
+
+def handle_conn_close(event: Any, ctx: HandlerContext) -> None:
+    """A closed connection may have left a partial transfer behind: sweep stale ones."""
+    try:
+        ctx.storage.sweep_temp(idle_s=ctx.stale_temp_s)
+    except OSError as exc:
+        log.warning("could not sweep %s: %s", ctx.storage.tmp_dir, exc)
 
 
 def handle_echo(event: Any, ctx: HandlerContext) -> int:
@@ -319,6 +329,7 @@ class Listener:
             storage=storage,
             ingestor=ingestor,
             allowed_calling_aets=tuple(a.strip() for a in config.allowed_calling_aets),
+            stale_temp_s=2 * max(config.network_timeout_s, config.dimse_timeout_s),
         )
         self._ae: _ListenerAE | None = None
         self._server: Any = None
@@ -355,6 +366,7 @@ class Listener:
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.ctx]),
             (evt.EVT_REJECTED, handle_rejected, [self.ctx]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close, [self.ctx]),
         ]
         self._server = self._ae.start_server(
             (self.config.host, self.config.port),
@@ -387,4 +399,6 @@ class Listener:
         deadline = time.monotonic() + 5
         for assoc in assocs:
             assoc.join(max(0.0, deadline - time.monotonic()))
+        # Transfers cut short by the aborts leave partial files; nothing writes any more.
+        self.ctx.storage.sweep_temp()
         log.info("listener stopped")

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +94,27 @@ class Storage:
     def open(self) -> int:
         """Create the folders and delete temporary files left by a crash; return how many."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.sweep_temp()
+
+    def sweep_temp(self, idle_s: float = 0.0) -> int:
+        """Delete our temporary files not written to for ``idle_s`` seconds.
+
+        With ``idle_s = 0`` (start, shutdown) every one of them is an orphan. While
+        running, a file nobody wrote to for longer than the network timeout belongs to
+        a transfer that was aborted.
+        """
+        cutoff = time.time() - idle_s
         removed = 0
         for entry in self.tmp_dir.iterdir():
-            if entry.is_file() and entry.name.startswith(TMP_PREFIX):
-                entry.unlink(missing_ok=True)
-                removed += 1
+            if not entry.name.startswith(TMP_PREFIX):
+                continue
+            try:
+                if idle_s and entry.stat().st_mtime > cutoff:
+                    continue
+                entry.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
         if removed:
             fsync_dir(self.tmp_dir)
             log.warning("removed %d orphan temporary file(s) from %s", removed, self.tmp_dir)

@@ -1,0 +1,111 @@
+"""``serve [--roles listener,worker,scheduler]``: run the daemon.
+
+Each role is a function that starts it from the :class:`~pacs_classifier.wiring.App` and
+returns the function that stops it; adding a role is one entry in :data:`ROLES`. The
+schema is checked before any role starts (an old one names ``db upgrade``). SIGTERM and
+SIGINT stop the roles in reverse order, each finishing or releasing its in-flight work,
+and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from pacs_classifier.errors import PermanentError
+from pacs_classifier.wiring import App, load_app
+
+ORDER = 20
+
+log = logging.getLogger(__name__)
+
+#: A started role's way to stop: finish or release in-flight work, then return.
+StopRole = Callable[[], None]
+StartRole = Callable[[App], StopRole]
+
+#: SPEC §2 names three roles; these are the ones this version can run.
+KNOWN_ROLES = ("listener", "worker", "scheduler")
+
+
+class RoleError(PermanentError):
+    """``--roles`` names a role that does not exist or is not available."""
+
+
+def start_listener(app: App) -> StopRole:
+    """The DICOM listener (SPEC §4)."""
+    listener = app.listener()
+    listener.start()
+    return listener.stop
+
+
+#: Role name → start function. A new role (worker, scheduler) is one line here.
+ROLES: dict[str, StartRole] = {
+    "listener": start_listener,
+}
+
+#: SPEC §2: all three roles by default. Until the worker and scheduler roles exist the
+#: default is the roles that do, so a plain ``serve`` still starts.
+DEFAULT_ROLES: tuple[str, ...] = tuple(r for r in KNOWN_ROLES if r in ROLES)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve", help="run the daemon (listener, worker, scheduler)"
+    )
+    p.add_argument(
+        "--roles",
+        default=",".join(DEFAULT_ROLES),
+        metavar="ROLES",
+        help=f"comma-separated roles to run (default: {','.join(DEFAULT_ROLES)})",
+    )
+    p.set_defaults(func=run_serve)
+
+
+def parse_roles(text: str) -> list[str]:
+    """``"listener,worker"`` → ``["listener", "worker"]``, refusing what cannot run."""
+    roles: list[str] = []
+    for raw in text.split(","):
+        role = raw.strip()
+        if not role or role in roles:
+            continue
+        if role not in ROLES:
+            what = "is not available in this version" if role in KNOWN_ROLES else "is unknown"
+            raise RoleError(f"--roles: role {role!r} {what} (available: {', '.join(ROLES)})")
+        roles.append(role)
+    if not roles:
+        raise RoleError(f"--roles: no role given (available: {', '.join(ROLES)})")
+    return roles
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    roles = parse_roles(args.roles)
+    app = load_app(args)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    stops: list[StopRole] = []
+    try:
+        app.checked_db()
+        for role in roles:
+            stops.append(ROLES[role](app))
+        log.info("serving roles: %s", ", ".join(roles))
+        # A timed wait keeps the main thread responsive to signals.
+        while not stop_requested.wait(0.5):
+            pass
+    finally:
+        for stop in reversed(stops):
+            stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        app.close()
+    log.info("stopped")
+    return 0
