@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -27,9 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def register_bundle(
-    db: Database, source: str | Path, model_dir: Path, *, actor: str, activate: bool = False
+    db: Database,
+    source: str | Path,
+    model_dir: Path,
+    *,
+    actor: str,
+    activate: bool = False,
+    export: bool = False,
 ) -> Model:
-    """Check ``source``, copy it to ``model_dir/<version>`` and record it."""
+    """Check ``source``, copy it to ``model_dir/<version>`` and record it.
+
+    With ``export``, the copy is also exported to the faster runtimes that pass their parity
+    check (:mod:`pacs_classifier.infer.export`, a minute or two per model); a failure there
+    is logged and audited, and the model is registered for Keras regardless.
+    """
     info = read_bundle(source)
     with db.session() as session:
         existing = session.execute(
@@ -44,6 +56,7 @@ def register_bundle(
                 _activate(session, existing, actor)
             return existing
     dest = _install(info, model_dir)
+    runtimes = _export_runtimes(dest) if export else None
     try:
         with db.session() as session:
             row = Model(
@@ -70,6 +83,7 @@ def register_bundle(
                     "version": info.version,
                     "sha256": info.sha256,
                     "source": str(Path(source).resolve()),
+                    **({"runtimes": runtimes} if runtimes is not None else {}),
                 },
             )
             if activate:
@@ -78,6 +92,20 @@ def register_bundle(
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+def _export_runtimes(dest: Path) -> dict[str, Any]:
+    """Export the registered copy; a summary for the audit trail. Never raises."""
+    from pacs_classifier.infer.export import export_runtimes
+
+    try:
+        record = export_runtimes(dest)
+    except Exception as exc:  # serving falls back to Keras; the failure is recorded
+        log.exception("runtime export of %s failed", dest)
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    summary: dict[str, Any] = {n: e["usable"] for n, e in record["runtimes"].items()}
+    summary["auto"] = record["auto"]
+    return summary
 
 
 def activate_version(db: Database, version: str, *, actor: str) -> Model:

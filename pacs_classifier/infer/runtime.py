@@ -4,12 +4,20 @@ A :class:`Predictor` takes a batch of normalised tensors (``N × S × S × 3`` f
 [-1, 1], from :func:`pacs_classifier.preprocess.normalize_file`) and returns the calibrated
 probability of PNEUMONIA for each. Calibration (temperature scaling fitted on validation)
 is applied here, so every runtime returns the probabilities the threshold was chosen on.
+
+Runtimes: ``keras`` (the bundle's own model behind a fixed-signature ``tf.function``),
+``onnx`` (ONNX Runtime, float32) and ``tflite-int8`` (LiteRT, dynamic-range int8). The
+last two are files that :mod:`pacs_classifier.infer.export` writes into a registered
+bundle, each recorded in ``runtimes.json`` with its SHA-256, its parity check against
+Keras and its measured speed. ``auto`` serves the fastest one that passed parity.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +30,12 @@ from pacs_classifier.infer.bundle import BundleInfo, load_keras_model, read_bund
 log = logging.getLogger(__name__)
 
 _EPS = 1e-7
+
+RUNTIMES_FILE = "runtimes.json"
+RUNTIMES_FORMAT = 1
+#: The exported runtimes and the file each one lives in, inside the registered bundle.
+EXPORTED_FILES = {"onnx": "model.onnx", "tflite-int8": "model.int8.tflite"}
+RUNTIMES = ("auto", "keras", *EXPORTED_FILES)
 
 
 class Predictor(Protocol):
@@ -40,11 +54,25 @@ def calibrate(raw: npt.ArrayLike, temperature: float) -> npt.NDArray[np.float64]
     return 1.0 / (1.0 + np.exp(-logits / temperature))
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (2 on the serving VM)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def _fit_output(raw: Any, n: int) -> npt.NDArray[np.float64]:
     out = np.asarray(raw, dtype=np.float64).reshape(-1)
     if out.shape[0] != n or not np.all(np.isfinite(out)):
         raise ModelError(f"model returned {out.shape[0]} values for {n} images, or non-finite")
     return out
+
+
+def _check_batch(info: BundleInfo, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    size = info.image_size
+    if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+        raise ModelError(
+            f"expected a batch of shape (N, {size}, {size}, 3), received {batch.shape}"
+        )
+    return np.ascontiguousarray(batch, dtype=np.float32)
 
 
 class KerasPredictor:
@@ -64,35 +92,200 @@ class KerasPredictor:
             lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True
         )
 
+    @property
+    def model(self) -> Any:
+        """The Keras model (the exporter converts this very object)."""
+        return self._model
+
     def raw_predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """Uncalibrated sigmoid output, as the trainer saw it."""
-        if batch.ndim != 4 or batch.shape[1:] != (self.info.image_size,) * 2 + (3,):
-            raise ModelError(
-                f"expected a batch of shape (N, {self.info.image_size}, "
-                f"{self.info.image_size}, 3), received {batch.shape}"
-            )
-        if batch.shape[0] == 0:
+        x = _check_batch(self.info, batch)
+        if x.shape[0] == 0:
             return np.zeros((0,), dtype=np.float64)
-        return _fit_output(self._fn(np.ascontiguousarray(batch, dtype=np.float32)), batch.shape[0])
+        return _fit_output(self._fn(x), x.shape[0])
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         return calibrate(self.raw_predict(batch), self.info.temperature)
 
 
-RUNTIMES = ("auto", "keras")
+def read_verified(path: Path, expected_sha256: str) -> bytes:
+    """The bytes of a runtime file, refused unless they hash to the recorded SHA-256.
+
+    The bytes checked are the bytes loaded: no window for the file to change in between.
+    """
+    import hashlib
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: runtime file unreadable: {exc}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise ModelError(
+            f"{path}: sha256 {actual[:12]}… does not match runtimes.json's "
+            f"{expected_sha256[:12]}… (corrupt or altered)"
+        )
+    return data
 
 
-def load_predictor(bundle: str | Path | BundleInfo, runtime: str = "auto") -> Predictor:
+class OnnxPredictor:
+    """ONNX Runtime, float32, on the CPU; one inference thread per core."""
+
+    runtime = "onnx"
+
+    def __init__(self, info: BundleInfo, model: bytes, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.info = info
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads would spin for the CPU the worker's preparer thread needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                model, sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own untyped exceptions on bad models
+            raise ModelError(f"{info.path}: ONNX model cannot be loaded: {exc}") from exc
+        self._input = self._session.get_inputs()[0].name
+
+    def raw_predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """Uncalibrated sigmoid output."""
+        x = _check_batch(self.info, batch)
+        if x.shape[0] == 0:
+            return np.zeros((0,), dtype=np.float64)
+        return _fit_output(self._session.run(None, {self._input: x})[0], x.shape[0])
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return calibrate(self.raw_predict(batch), self.info.temperature)
+
+
+class TfliteInt8Predictor:
+    """LiteRT (TFLite) with dynamic-range int8 weights, XNNPACK on the CPU.
+
+    The interpreter is resized only when the batch size changes; it is not thread-safe,
+    so one predictor serves one inference thread (the worker has exactly one).
+    """
+
+    runtime = "tflite-int8"
+
+    def __init__(self, info: BundleInfo, model: bytes, *, threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.info = info
+        try:
+            self._interp = Interpreter(
+                model_content=model, num_threads=threads or default_threads()
+            )
+            self._input = int(self._interp.get_input_details()[0]["index"])
+            self._output = int(self._interp.get_output_details()[0]["index"])
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{info.path}: TFLite model cannot be loaded: {exc}") from exc
+        self._batch = 0
+
+    def raw_predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """Uncalibrated sigmoid output."""
+        x = _check_batch(self.info, batch)
+        n = x.shape[0]
+        if n == 0:
+            return np.zeros((0,), dtype=np.float64)
+        if n != self._batch:
+            self._interp.resize_tensor_input(self._input, [n, *x.shape[1:]])
+            self._interp.allocate_tensors()
+            self._batch = n
+        self._interp.set_tensor(self._input, x)
+        self._interp.invoke()
+        return _fit_output(self._interp.get_tensor(self._output), n)
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return calibrate(self.raw_predict(batch), self.info.temperature)
+
+
+_EXPORTED_CLASSES: dict[str, type[OnnxPredictor] | type[TfliteInt8Predictor]] = {
+    "onnx": OnnxPredictor,
+    "tflite-int8": TfliteInt8Predictor,
+}
+
+
+def read_runtimes(info: BundleInfo) -> dict[str, Any] | None:
+    """The bundle's ``runtimes.json``, or None when it has none.
+
+    It must name this bundle (its model files' digest): a record copied from another model
+    is refused, never trusted.
+    """
+    path = info.path / RUNTIMES_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable runtime record: {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("runtimes"), dict):
+        raise ModelError(f"{path}: not a runtime record (no 'runtimes' object)")
+    if record.get("bundle_sha256") != info.sha256:
+        raise ModelError(f"{path}: recorded for another model, not bundle {info.sha256[:12]}…")
+    return record
+
+
+def auto_choice(record: dict[str, Any] | None) -> str:
+    """The fastest runtime that passed parity, by the speeds measured at export; else keras."""
+    if record is None:
+        return "keras"
+    best, best_speed = "keras", float(record.get("keras", {}).get("images_per_s") or 0.0)
+    for name, entry in sorted(record["runtimes"].items()):
+        if name not in EXPORTED_FILES or not entry.get("usable"):
+            continue
+        speed = float(entry.get("images_per_s") or 0.0)
+        if speed > best_speed:
+            best, best_speed = name, speed
+    return best
+
+
+def load_exported(info: BundleInfo, runtime: str, *, threads: int | None = None) -> Predictor:
+    """Load one exported runtime of a checked bundle, refusing it unless it passed parity."""
+    record = read_runtimes(info)
+    entry = None if record is None else record["runtimes"].get(runtime)
+    if entry is None:
+        raise ModelError(f"{info.path}: runtime {runtime!r} was not exported for this model")
+    if not entry.get("usable"):
+        why = entry.get("error") or "failed its parity check against Keras"
+        raise ModelError(f"{info.path}: runtime {runtime!r} is not usable: {why}")
+    file = info.path / EXPORTED_FILES[runtime]
+    data = read_verified(file, str(entry.get("sha256")))
+    return _EXPORTED_CLASSES[runtime](info, data, threads=threads)
+
+
+def load_predictor(
+    bundle: str | Path | BundleInfo, runtime: str = "auto", *, threads: int | None = None
+) -> Predictor:
     """Check a bundle and load it with the asked-for runtime.
 
-    ``auto`` takes the runtime the bundle recorded as fastest-with-parity, when this
-    installation has it, and Keras otherwise.
+    ``auto`` takes the runtime the bundle recorded as fastest-with-parity, and Keras when
+    there is none or this installation lacks the package. A named runtime that was not
+    exported, failed parity, or whose file does not match its checksum is a
+    :class:`ModelError`; so is a corrupt file under ``auto`` (never served around).
     """
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
     if runtime not in RUNTIMES:
-        raise ModelError(
-            f"runtime {runtime!r} is not available here (available: {', '.join(RUNTIMES)})"
-        )
+        raise ModelError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if not math.isfinite(info.temperature) or info.temperature <= 0:
         raise ModelError(f"{info.path}: bad calibration temperature {info.temperature!r}")
-    return KerasPredictor(info)
+    if runtime == "auto":
+        runtime = auto_choice(read_runtimes(info))
+        if runtime != "keras":
+            try:
+                return load_exported(info, runtime, threads=threads)
+            except ImportError as exc:
+                log.warning(
+                    "runtime %s recorded but not installed (%s); serving keras", runtime, exc
+                )
+                runtime = "keras"
+    if runtime == "keras":
+        return KerasPredictor(info)
+    try:
+        return load_exported(info, runtime, threads=threads)
+    except ImportError as exc:
+        raise ModelError(f"runtime {runtime!r} is not installed here: {exc}") from exc

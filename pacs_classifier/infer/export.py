@@ -1,0 +1,423 @@
+"""Export a registered bundle to faster runtimes, each admitted only by a parity check.
+
+At registration the Keras model is converted to
+
+- ``model.onnx``: ONNX Runtime, float32 (tf2onnx);
+- ``model.int8.tflite``: LiteRT/TFLite with dynamic-range int8 weights (TensorFlow's
+  converter, from a SavedModel of the same model).
+
+Each file is run on validation-like inputs beside the Keras model, and recorded as usable
+only when it agrees with Keras:
+
+- float32: max |Δprobability| ≤ 1e-3 (calibrated probabilities, as served);
+- int8: identical labels (at the bundle's threshold) on ≥ 99.5 % of the images and
+  AUC within 0.002 of Keras's.
+
+Parity inputs are the bundle's validation images (``metadata["data"]["folder"]`` and the
+``val`` names of ``split.json``, normalised with ``normalize_file``), at most
+``max_images`` spread evenly over the sorted list. Without them, :func:`synthetic_inputs`
+is used: its AUC is then taken against Keras's own labels (so Keras's AUC is 1 and the
+check asks whether int8 ranks the images on the same side of the threshold); when Keras
+gives one label only, the AUC is undefined and recorded as such.
+
+The numbers, each file's SHA-256, and the images/s each runtime reached on the parity
+inputs (batches of 8, after one warm-up batch) go to ``runtimes.json``; ``metadata.json``
+is not touched, since its checksums identify the bundle. A failed export or parity check
+is logged and recorded, never raised: registration goes on with Keras.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pacs_classifier.errors import ModelError, NotAssessable
+from pacs_classifier.infer.bundle import CLASS_NAMES, BundleInfo, read_bundle, sha256_file
+from pacs_classifier.infer.runtime import (
+    EXPORTED_FILES,
+    RUNTIMES_FILE,
+    RUNTIMES_FORMAT,
+    KerasPredictor,
+    Predictor,
+    auto_choice,
+    read_runtimes,
+    read_verified,
+)
+from pacs_classifier.train.metrics import roc_auc
+
+log = logging.getLogger(__name__)
+
+MAX_FLOAT32_DELTA = 1e-3
+MIN_INT8_LABEL_AGREEMENT = 0.995
+MAX_INT8_AUC_DELTA = 0.002
+ONNX_OPSET = 17
+SPEED_BATCH = 8
+SYNTHETIC_DESCRIPTION = (
+    "numpy default_rng(0), 32 grey images (one value in all 3 channels, as normalize_file "
+    "gives), in [-1, 1]: 8 uniform noise, 8 blocky low-frequency noise, 8 linear ramps, "
+    "8 two dark ellipses ('lungs') on a lighter noisy field"
+)
+
+
+@dataclass(frozen=True)
+class ParityInputs:
+    """Normalised images for the parity check, with true labels when they are known."""
+
+    x: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.int64] | None
+    source: dict[str, Any]
+
+
+def export_runtimes(
+    bundle: str | Path | BundleInfo,
+    *,
+    max_images: int = 300,
+    runtimes: Sequence[str] = tuple(EXPORTED_FILES),
+    threads: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Export, check and record the faster runtimes of a (registered) bundle folder.
+
+    Returns the record written to ``runtimes.json``. An up-to-date record whose files still
+    match their checksums is kept as it is unless ``force``.
+    """
+    info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
+    unknown = sorted(set(runtimes) - set(EXPORTED_FILES))
+    if unknown:
+        raise ModelError(f"cannot export runtime(s) {', '.join(unknown)}")
+    if not force and (kept := _current_record(info, runtimes)) is not None:
+        log.info("runtimes of %s already exported and intact", info.version)
+        return kept
+    keras_pred = KerasPredictor(info)
+    inputs = parity_inputs(info, max_images)
+    ref, keras_speed = _timed_predict(keras_pred, inputs.x)
+    record: dict[str, Any] = {
+        "format": RUNTIMES_FORMAT,
+        "bundle_sha256": info.sha256,
+        "version": info.version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads},
+        "parity_inputs": inputs.source,
+        "criteria": {
+            "onnx": {"max_abs_delta_probability": MAX_FLOAT32_DELTA},
+            "tflite-int8": {
+                "min_label_agreement": MIN_INT8_LABEL_AGREEMENT,
+                "max_auc_delta": MAX_INT8_AUC_DELTA,
+            },
+        },
+        "keras": {"images_per_s": keras_speed},
+        "runtimes": {},
+    }
+    for name in runtimes:
+        record["runtimes"][name] = _export_and_check(
+            name, keras_pred.model, info, inputs, ref, threads
+        )
+    record["auto"] = auto_choice(record)
+    _write_atomic(info.path / RUNTIMES_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    log.info(
+        "runtimes of %s: %s; auto serves %s",
+        info.version,
+        ", ".join(
+            f"{n} {'ok' if e['usable'] else 'refused'}" for n, e in record["runtimes"].items()
+        ),
+        record["auto"],
+    )
+    return record
+
+
+def parity_inputs(info: BundleInfo, max_images: int = 300) -> ParityInputs:
+    """The bundle's validation images when they can be read, else the synthetic set."""
+    found = _validation_files(info)
+    if found:
+        files, why = found, ""
+    else:
+        files, why = [], "no data folder or split.json with 'val' entries"
+    if files:
+        picked = _spread(files, max_images)
+        x, labels, skipped = _normalise(picked, info.image_size)
+        if len(x) and len(set(labels)) == 2:
+            return ParityInputs(
+                np.stack(x),
+                np.asarray(labels, dtype=np.int64),
+                {
+                    "source": "validation",
+                    "folder": str(info.metadata["data"]["folder"]),
+                    "val_images": len(files),
+                    "max_images": max_images,
+                    "count": len(x),
+                    "skipped": skipped,
+                },
+            )
+        why = f"{len(x)} readable validation images, not both classes"
+    log.warning("parity check of %s on synthetic inputs: %s", info.version, why)
+    x_syn = synthetic_inputs(info.image_size)
+    return ParityInputs(
+        x_syn,
+        None,
+        {
+            "source": "synthetic",
+            "why": why,
+            "description": SYNTHETIC_DESCRIPTION,
+            "count": len(x_syn),
+        },
+    )
+
+
+def synthetic_inputs(size: int, seed: int = 0) -> npt.NDArray[np.float32]:
+    """The documented fallback set (see ``SYNTHETIC_DESCRIPTION``)."""
+    rng = np.random.default_rng(seed)
+    grey: list[npt.NDArray[np.float64]] = []
+    grey += [rng.uniform(-1, 1, (size, size)) for _ in range(8)]
+    for _ in range(8):
+        coarse = rng.uniform(-1, 1, (8, 8))
+        block = -(-size // 8)
+        grey.append(np.asarray(np.kron(coarse, np.ones((block, block))), np.float64)[:size, :size])
+    ramp = np.linspace(-1, 1, size)
+    for i in range(8):
+        a = rng.uniform(-1, 1)
+        grey.append(a * (ramp[None, :] if i % 2 else ramp[:, None]) * np.ones((size, size)))
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for _ in range(8):
+        img = rng.uniform(0.2, 0.6) + rng.normal(0, 0.1, (size, size))
+        for cx in (0.3, 0.7):
+            r = ((xx - cx) / rng.uniform(0.12, 0.18)) ** 2 + ((yy - 0.5) / 0.3) ** 2
+            img[r < 1] -= rng.uniform(0.8, 1.3)
+        grey.append(img)
+    arr = np.clip(np.stack(grey), -1, 1).astype(np.float32)
+    return np.repeat(arr[..., None], 3, axis=-1)
+
+
+def float32_parity(ref: npt.NDArray[np.float64], got: npt.NDArray[np.float64]) -> dict[str, Any]:
+    """ONNX's criterion: the largest |Δprobability| against Keras."""
+    delta = float(np.max(np.abs(got - ref))) if len(ref) else float("nan")
+    return {
+        "max_abs_delta_probability": delta,
+        "mean_abs_delta_probability": float(np.mean(np.abs(got - ref))) if len(ref) else None,
+        "passed": bool(delta <= MAX_FLOAT32_DELTA),
+    }
+
+
+def int8_parity(
+    ref: npt.NDArray[np.float64],
+    got: npt.NDArray[np.float64],
+    threshold: float,
+    labels: npt.NDArray[np.int64] | None,
+) -> dict[str, Any]:
+    """int8's criteria: label agreement at the threshold, and AUC against Keras's.
+
+    ``labels`` are the true labels; without them Keras's own labels stand in (see the
+    module docstring).
+    """
+    ref_labels = ref >= threshold
+    agreement = float(np.mean(ref_labels == (got >= threshold))) if len(ref) else 0.0
+    truth = labels if labels is not None else ref_labels.astype(np.int64)
+    auc_ref, auc_got = roc_auc(truth, ref), roc_auc(truth, got)
+    auc_defined = not (np.isnan(auc_ref) or np.isnan(auc_got))
+    auc_delta = abs(auc_got - auc_ref) if auc_defined else None
+    passed = agreement >= MIN_INT8_LABEL_AGREEMENT and (
+        auc_delta is None or auc_delta <= MAX_INT8_AUC_DELTA
+    )
+    return {
+        "label_agreement": agreement,
+        "labels_differing": int(np.sum(ref_labels != (got >= threshold))),
+        "threshold": threshold,
+        "auc_against": "true labels" if labels is not None else "keras labels",
+        "auc_keras": auc_ref if auc_defined else None,
+        "auc": auc_got if auc_defined else None,
+        "auc_delta": auc_delta,
+        "max_abs_delta_probability": float(np.max(np.abs(got - ref))) if len(ref) else None,
+        "passed": bool(passed),
+    }
+
+
+def _export_and_check(
+    name: str,
+    model: Any,
+    info: BundleInfo,
+    inputs: ParityInputs,
+    ref: npt.NDArray[np.float64],
+    threads: int | None,
+) -> dict[str, Any]:
+    file = info.path / EXPORTED_FILES[name]
+    entry: dict[str, Any] = {"file": file.name, "usable": False}
+    started = time.perf_counter()
+    try:
+        data = _CONVERTERS[name](model, info.image_size)
+        _write_atomic_bytes(file, data)
+        entry["export_s"] = round(time.perf_counter() - started, 2)
+        entry["sha256"] = sha256_file(file)
+        entry["size_bytes"] = len(data)
+        entry["versions"] = _versions(name)
+        predictor = _load_file(name, info, entry["sha256"], threads)
+        got, speed = _timed_predict(predictor, inputs.x)
+    except Exception as exc:  # any converter failure is recorded; Keras still serves
+        log.exception("export of %s to %s failed", info.version, name)
+        entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        return entry
+    entry["images_per_s"] = speed
+    if name == "onnx":
+        entry["parity"] = float32_parity(ref, got)
+    else:
+        entry["parity"] = int8_parity(ref, got, info.threshold, inputs.labels)
+    entry["usable"] = entry["parity"]["passed"]
+    if not entry["usable"]:
+        log.warning("%s of %s failed its parity check: %s", name, info.version, entry["parity"])
+    return entry
+
+
+def _load_file(name: str, info: BundleInfo, sha256: str, threads: int | None) -> Predictor:
+    """The predictor of a freshly written file, before it is recorded as usable."""
+    from pacs_classifier.infer.runtime import OnnxPredictor, TfliteInt8Predictor
+
+    data = read_verified(info.path / EXPORTED_FILES[name], sha256)
+    if name == "onnx":
+        return OnnxPredictor(info, data, threads=threads)
+    return TfliteInt8Predictor(info, data, threads=threads)
+
+
+def to_onnx(model: Any, image_size: int) -> bytes:
+    """The Keras model as ONNX (float32), input ``image`` of shape (N, S, S, 3)."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=ONNX_OPSET)
+    return bytes(proto.SerializeToString())
+
+
+def to_tflite_int8(model: Any, image_size: int) -> bytes:
+    """The Keras model as TFLite with dynamic-range int8 weights.
+
+    Converted from a SavedModel: converting a ``tf.function`` of a Keras 3 model directly
+    leaves its variables as resource reads, which LiteRT runs as NaN.
+    """
+    import tensorflow as tf
+
+    del image_size  # the SavedModel's signature carries it
+    with tempfile.TemporaryDirectory(prefix="pacs-tflite-") as tmp:
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: dynamic range
+        return bytes(converter.convert())
+
+
+_CONVERTERS: dict[str, Callable[[Any, int], bytes]] = {
+    "onnx": to_onnx,
+    "tflite-int8": to_tflite_int8,
+}
+
+
+def _timed_predict(
+    predictor: Predictor, x: npt.NDArray[np.float32], batch: int = SPEED_BATCH
+) -> tuple[npt.NDArray[np.float64], float | None]:
+    """Calibrated probabilities for ``x`` and images/s after the first (warm-up) batch."""
+    out = [predictor.predict(x[:batch])]
+    started = time.perf_counter()
+    for i in range(batch, len(x), batch):
+        out.append(predictor.predict(x[i : i + batch]))
+    elapsed = time.perf_counter() - started
+    timed = len(x) - min(batch, len(x))
+    speed = round(timed / elapsed, 2) if timed and elapsed > 0 else None
+    return np.concatenate(out), speed
+
+
+def _validation_files(info: BundleInfo) -> list[tuple[Path, int]]:
+    """(path, label) of every validation image named by the bundle that exists here."""
+    folder = info.metadata.get("data", {}).get("folder")
+    split_file = info.path / str(info.metadata.get("data", {}).get("split_file", "split.json"))
+    if not folder or not split_file.is_file():
+        return []
+    try:
+        names = json.loads(split_file.read_text(encoding="utf-8")).get("val", [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        log.warning("%s: unreadable split file: %s", split_file, exc)
+        return []
+    found = []
+    for name in sorted(str(n) for n in names):
+        for label, cls in enumerate(CLASS_NAMES):
+            path = Path(folder) / cls / name
+            if path.is_file():
+                found.append((path, label))
+                break
+    return found
+
+
+def _spread(items: Sequence[tuple[Path, int]], n: int) -> list[tuple[Path, int]]:
+    """At most ``n`` items evenly spaced over the list (deterministic, both classes kept)."""
+    if len(items) <= n:
+        return list(items)
+    index = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(index.tolist()))]
+
+
+def _normalise(
+    files: Sequence[tuple[Path, int]], size: int
+) -> tuple[list[npt.NDArray[np.float32]], list[int], int]:
+    from pacs_classifier.preprocess import normalize_file
+
+    xs, labels, skipped = [], [], 0
+    for path, label in files:
+        try:
+            xs.append(normalize_file(path, size))
+        except (NotAssessable, OSError) as exc:
+            log.warning("parity input %s skipped: %s", path.name, exc)
+            skipped += 1
+            continue
+        labels.append(label)
+    return xs, labels, skipped
+
+
+def _current_record(info: BundleInfo, runtimes: Sequence[str]) -> dict[str, Any] | None:
+    """The existing record when it covers ``runtimes`` and every usable file is intact."""
+    try:
+        record = read_runtimes(info)
+        if record is None or set(runtimes) - set(record["runtimes"]):
+            return None
+        for name, entry in record["runtimes"].items():
+            if entry.get("usable"):
+                read_verified(info.path / EXPORTED_FILES[name], str(entry.get("sha256")))
+    except ModelError:
+        return None
+    return record
+
+
+def _versions(name: str) -> dict[str, str]:
+    import importlib.metadata as md
+
+    packages = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "tflite-int8": ("ai-edge-litert",)}
+    out = {}
+    for pkg in ("tensorflow", *packages[name]):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    _write_atomic_bytes(path, text.encode("utf-8"))
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,269 @@
+"""Serving runtimes: export at registration, parity with Keras, choice, and refusal.
+
+One real export (ONNX + int8 TFLite of the 75 px test model, parity on real chest images
+from ``cxr_dir``) is made per module and shared; the tests then read what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from sqlalchemy import select
+
+from pacs_classifier.db import migrate
+from pacs_classifier.db.engine import Database
+from pacs_classifier.db.models import AuditEvent
+from pacs_classifier.errors import ModelError
+from pacs_classifier.infer import export as export_mod
+from pacs_classifier.infer.bundle import read_bundle, sha256_file
+from pacs_classifier.infer.export import (
+    MAX_FLOAT32_DELTA,
+    export_runtimes,
+    float32_parity,
+    int8_parity,
+    parity_inputs,
+)
+from pacs_classifier.infer.registry import register_bundle
+from pacs_classifier.infer.runtime import (
+    RUNTIMES_FILE,
+    TfliteInt8Predictor,
+    auto_choice,
+    load_predictor,
+    read_verified,
+)
+from pacs_classifier.preprocess import normalize_file
+
+PER_CLASS_VAL = 20
+
+
+def _class_files(cxr_dir: Path, cls: str) -> list[Path]:
+    return sorted(p for p in (cxr_dir / cls).iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+
+
+@pytest.fixture(scope="module")
+def registered(
+    tiny_bundles: Any, cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Database]]:
+    """The tiny bundle with a real validation split, registered with ``export=True``."""
+    tmp = tmp_path_factory.mktemp("runtimes")
+    source = tmp / "source"
+    shutil.copytree(tiny_bundles.v1, source)
+    val = [
+        *[p.name for p in _class_files(cxr_dir, "NORMAL")[:PER_CLASS_VAL]],
+        *[p.name for p in _class_files(cxr_dir, "PNEUMONIA")[:PER_CLASS_VAL]],
+    ]
+    meta = json.loads((source / "metadata.json").read_text())
+    meta["data"] = {"folder": str(cxr_dir), "split_file": "split.json"}
+    (source / "metadata.json").write_text(json.dumps(meta))
+    (source / "split.json").write_text(json.dumps({"val": val}))
+    url = f"sqlite:///{tmp / 'pacs.sqlite3'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        row = register_bundle(db, source, tmp / "models", actor="test", export=True)
+        yield Path(row.path), db
+    finally:
+        db.dispose()
+
+
+def _record(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((path / RUNTIMES_FILE).read_text())
+    return data
+
+
+def _real_batch(cxr_dir: Path, n: int = 4) -> npt.NDArray[np.float32]:
+    """Real images that were not among the parity inputs."""
+    files = [
+        *_class_files(cxr_dir, "NORMAL")[PER_CLASS_VAL : PER_CLASS_VAL + n],
+        *_class_files(cxr_dir, "PNEUMONIA")[PER_CLASS_VAL : PER_CLASS_VAL + n],
+    ]
+    return np.stack([normalize_file(f, 75) for f in files])
+
+
+def test_registration_exports_and_records_parity(
+    registered: tuple[Path, Database], tiny_bundles: Any
+) -> None:
+    path, db = registered
+    record = _record(path)
+    info = read_bundle(path)
+    assert record["bundle_sha256"] == info.sha256
+    assert record["parity_inputs"]["source"] == "validation"
+    assert record["parity_inputs"]["count"] == 2 * PER_CLASS_VAL
+    assert set(record["runtimes"]) == {"onnx", "tflite-int8"}
+    for name, entry in record["runtimes"].items():
+        assert "error" not in entry, name
+        assert sha256_file(path / entry["file"]) == entry["sha256"]
+        assert entry["parity"]["passed"] is entry["usable"]
+        assert entry["images_per_s"] > 0
+    onnx = record["runtimes"]["onnx"]["parity"]
+    assert onnx["passed"] and onnx["max_abs_delta_probability"] <= MAX_FLOAT32_DELTA
+    int8 = record["runtimes"]["tflite-int8"]["parity"]
+    assert int8["auc_against"] == "true labels" and int8["auc_keras"] is not None
+    # metadata.json identifies the bundle: exporting must not rewrite it.
+    source_meta = (path.parent.parent / "source" / "metadata.json").read_bytes()
+    assert (path / "metadata.json").read_bytes() == source_meta
+    with db.session() as session:
+        event = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "model.register")
+        ).scalar_one()
+        assert event.detail["runtimes"]["auto"] == record["auto"]
+        assert event.detail["runtimes"]["onnx"] is True
+
+
+def test_onnx_matches_keras_on_other_real_images(
+    registered: tuple[Path, Database], cxr_dir: Path
+) -> None:
+    path, _ = registered
+    batch = _real_batch(cxr_dir)
+    keras = load_predictor(path, "keras").predict(batch)
+    onnx = load_predictor(path, "onnx")
+    assert onnx.runtime == "onnx"
+    assert np.max(np.abs(onnx.predict(batch) - keras)) <= MAX_FLOAT32_DELTA
+    # One image at a time gives the same numbers as the batch (dynamic batch axis).
+    single = np.concatenate([onnx.predict(batch[i : i + 1]) for i in range(len(batch))])
+    assert np.max(np.abs(single - keras)) <= MAX_FLOAT32_DELTA
+
+
+def test_int8_close_to_keras_and_same_labels(
+    registered: tuple[Path, Database], cxr_dir: Path
+) -> None:
+    path, _ = registered
+    info = read_bundle(path)
+    entry = _record(path)["runtimes"]["tflite-int8"]
+    # Loaded through the class even if the record refused it: the numbers are the point.
+    int8 = TfliteInt8Predictor(info, read_verified(path / entry["file"], entry["sha256"]))
+    batch = _real_batch(cxr_dir)
+    keras = load_predictor(path, "keras").predict(batch)
+    # Batch sizes change between calls: the interpreter is resized each time.
+    got = np.concatenate(
+        [int8.predict(batch[:3]), int8.predict(batch[3:4]), int8.predict(batch[4:])]
+    )
+    assert np.max(np.abs(got - keras)) < 0.01
+    assert np.array_equal(got >= 0.5, keras >= 0.5)
+    assert entry["parity"]["label_agreement"] >= 0.995
+
+
+def test_auto_serves_the_fastest_usable_runtime(registered: tuple[Path, Database]) -> None:
+    path, _ = registered
+    record = _record(path)
+    speeds = {"keras": record["keras"]["images_per_s"]} | {
+        name: e["images_per_s"] for name, e in record["runtimes"].items() if e["usable"]
+    }
+    assert record["auto"] == max(speeds, key=lambda k: speeds[k])
+    assert load_predictor(path, "auto").runtime == record["auto"]
+
+
+def test_auto_choice_rules() -> None:
+    def rt(speed: float, usable: bool) -> dict[str, Any]:
+        return {"images_per_s": speed, "usable": usable}
+
+    record: dict[str, Any] = {
+        "keras": {"images_per_s": 20.0},
+        "runtimes": {"onnx": rt(25.0, True), "tflite-int8": rt(70.0, False)},
+    }
+    assert auto_choice(record) == "onnx"  # the faster int8 failed parity
+    record["runtimes"]["tflite-int8"]["usable"] = True
+    assert auto_choice(record) == "tflite-int8"
+    record["runtimes"]["onnx"] = rt(10.0, True)
+    record["runtimes"]["tflite-int8"] = rt(15.0, True)
+    assert auto_choice(record) == "keras"  # measured slower than Keras: not worth it
+    assert auto_choice(None) == "keras"
+
+
+def test_absent_failed_and_unknown_runtimes_are_refused(
+    registered: tuple[Path, Database], tiny_bundles: Any, tmp_path: Path
+) -> None:
+    # The source bundle was never exported.
+    with pytest.raises(ModelError, match="'onnx' was not exported"):
+        load_predictor(tiny_bundles.v1, "onnx")
+    assert load_predictor(tiny_bundles.v1, "auto").runtime == "keras"
+    with pytest.raises(ModelError, match="'tensorrt' is not one of"):
+        load_predictor(tiny_bundles.v1, "tensorrt")
+    # A copy whose record says int8 failed its parity check.
+    path, _ = registered
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns("model.onnx"))
+    record = _record(copy)
+    record["runtimes"]["tflite-int8"]["usable"] = False
+    record["runtimes"]["tflite-int8"]["parity"]["passed"] = False
+    (copy / RUNTIMES_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelError, match="'tflite-int8' is not usable: failed its parity"):
+        load_predictor(copy, "tflite-int8")
+
+
+def test_corrupt_runtime_file_and_foreign_record_are_refused(
+    registered: tuple[Path, Database], tmp_path: Path
+) -> None:
+    path, _ = registered
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns("model.int8.tflite"))
+    onnx = copy / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"model\.onnx: sha256 .* \(corrupt or altered\)"):
+        load_predictor(copy, "onnx")
+    record = _record(copy)
+    record["bundle_sha256"] = "0" * 64
+    (copy / RUNTIMES_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelError, match="recorded for another model"):
+        load_predictor(copy, "auto")
+
+
+def test_failed_export_is_recorded_not_raised(
+    tiny_bundles: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A converter that breaks (simulated: real ones fail only on exotic models)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles.v1, bundle)
+
+    def broken(model: Any, size: int) -> bytes:
+        raise ValueError("unsupported op Foo")
+
+    monkeypatch.setitem(export_mod._CONVERTERS, "onnx", broken)
+    record = export_runtimes(bundle, runtimes=("onnx",))
+    entry = record["runtimes"]["onnx"]
+    assert entry["usable"] is False
+    assert entry["error"] == "ValueError: unsupported op Foo"
+    assert record["auto"] == "keras"
+    # No data folder in this bundle: the documented synthetic set stood in.
+    assert record["parity_inputs"]["source"] == "synthetic"
+    assert record["parity_inputs"]["count"] == 32
+    with pytest.raises(ModelError, match="not usable: ValueError: unsupported op Foo"):
+        load_predictor(bundle, "onnx")
+    assert load_predictor(bundle, "auto").runtime == "keras"
+
+
+def test_parity_inputs_fallback_is_synthetic_and_in_range(tiny_bundles: Any) -> None:
+    inputs = parity_inputs(read_bundle(tiny_bundles.v1))
+    assert inputs.labels is None
+    assert inputs.x.shape == (32, 75, 75, 3) and inputs.x.dtype == np.float32
+    assert inputs.x.min() >= -1 and inputs.x.max() <= 1
+    assert np.array_equal(inputs.x[..., 0], inputs.x[..., 2])  # grey, as normalize_file
+
+
+def test_parity_criteria() -> None:
+    ref = np.linspace(0.01, 0.99, 200)
+    assert float32_parity(ref, ref + 5e-4)["passed"]
+    assert not float32_parity(ref, ref + 2e-3)["passed"]
+    labels = (np.arange(200) % 2).astype(np.int64)
+    same = int8_parity(ref, ref + 1e-4, 0.5, labels)
+    assert same["passed"] and same["label_agreement"] == 1.0 and same["auc_delta"] == 0.0
+    # Two labels of 200 flip at the threshold: 99.0 % < 99.5 %.
+    flipped = ref.copy()
+    near = np.argsort(np.abs(ref - 0.5))[:2]
+    flipped[near] = np.where(ref[near] >= 0.5, 0.49, 0.51)
+    result = int8_parity(ref, flipped, 0.5, labels)
+    assert result["labels_differing"] == 2 and not result["passed"]
+    # Without true labels the AUC is taken against Keras's own labels.
+    keras_only = int8_parity(ref, ref, 0.5, None)
+    assert keras_only["auc_against"] == "keras labels" and keras_only["auc_keras"] == 1.0
+    one_class = int8_parity(np.full(10, 0.2), np.full(10, 0.2), 0.5, None)
+    assert one_class["auc"] is None and one_class["passed"]
