@@ -79,8 +79,10 @@ def test_worker_classifies_chests_and_marks_the_rest_not_assessed(
 
 
 def test_activating_another_model_makes_the_next_jobs_use_it(
-    database: Database, tmp_path: Path, dicom_dir: Path, tiny_bundles: Bundles
+    sqlite_url: str, tmp_path: Path, dicom_dir: Path, tiny_bundles: Bundles
 ) -> None:
+    # One database is enough here: test_scheduler switches models on both.
+    database = Database(sqlite_url)
     config = make_config(tmp_path, database.url)
     register_bundle(database, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
     register_bundle(database, tiny_bundles.v2, config.model_dir, actor="test")

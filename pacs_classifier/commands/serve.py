@@ -43,9 +43,25 @@ def start_listener(app: App) -> StopRole:
     return listener.stop
 
 
+def start_worker(app: App) -> StopRole:
+    """The classification worker (claims jobs, infers, records)."""
+    from pacs_classifier.infer.worker import start_role
+
+    return start_role(app)
+
+
+def start_scheduler(app: App) -> StopRole:
+    """The nightly reclassification scheduler (one leader across processes)."""
+    from pacs_classifier.scheduler import start_role
+
+    return start_role(app)
+
+
 #: Role name → start function. A new role (worker, scheduler) is one line here.
 ROLES: dict[str, StartRole] = {
     "listener": start_listener,
+    "worker": start_worker,
+    "scheduler": start_scheduler,
 }
 
 #: SPEC §2: all three roles by default. Until the worker and scheduler roles exist the
