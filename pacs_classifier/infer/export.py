@@ -52,6 +52,7 @@ from pacs_classifier.infer.runtime import (
     KerasPredictor,
     Predictor,
     auto_choice,
+    default_threads,
     read_runtimes,
     read_verified,
 )
@@ -108,7 +109,11 @@ def export_runtimes(
         "bundle_sha256": info.sha256,
         "version": info.version,
         "created_at": datetime.now(UTC).isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": threads or default_threads(),
+        },
         "parity_inputs": inputs.source,
         "criteria": {
             "onnx": {"max_abs_delta_probability": MAX_FLOAT32_DELTA},
