@@ -1,0 +1,544 @@
+"""End to end: dcmtk storescu → ``serve`` (listener + worker) → prediction rows, in one run.
+
+Starts ``pacs-classifier serve --roles listener,worker`` on SQLite in a temporary folder
+with a registered model, generates chest radiographs (CR, MONOCHROME2, 16-bit, CHEST, PA,
+``--size``² pixels, distinct SOP Instance UIDs) and sends them with dcmtk's ``storescu``
+(``TCP_NODELAY=1``). A few warm-up images go first (the worker loads the model on its
+first batch); then, from the database:
+
+- *end to end images/s*: measured images / (last ``predictions.created_at`` − first
+  ``instances.received_at``);
+- *receive → result latency*: per instance, its first prediction's ``created_at`` minus
+  its ``received_at`` (the moment the listener committed it), p50 / p95 / max.
+
+Beside it, in the same run after ``serve`` has stopped, the raw inference images/s of the
+same bundle and runtime: ``load_predictor(...).predict`` on batches of the worker's
+``batch_size``, on tensors normalised from the generated files.
+
+Two modes: by default all images go on one association as fast as ``storescu`` sends
+them (the backlog case); ``--rate R`` sends one association per image at R images/s
+(steady load, where the p95 latency is the number to watch).
+
+The model: ``--bundle PATH`` if given, else the reference bundle at ``models/reference``
+when it exists, else a tiny 75 px InceptionV3 bundle built on the spot (random weights;
+the speed of the plumbing, not of a real model). Runtimes other than ``keras`` need the
+export that registration can do: it runs here (with its parity check) unless
+``--runtime keras``.
+
+    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --count 300
+    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --rate 5 --count 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import func, select
+
+from pacs_classifier.config import WorkerConfig
+from pacs_classifier.db.engine import Database
+from pacs_classifier.db.models import Instance, Job, JobState, Prediction, utcnow
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "models" / "reference"
+AE_TITLE = "PNEUMONIA_AI"
+TINY_SIZE = 75
+
+log = logging.getLogger("bench_pipeline")
+
+
+# ---------------------------------------------------------------------- shared helpers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for ``serve`` and dcmtk: no config from outside, no Nagle stalls."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PACS_CLASSIFIER__") and k != "PACS_CLASSIFIER_CONFIG"
+    }
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def machine() -> str:
+    """CPU model and count, for the record."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {model}"
+
+
+def generate_chest_files(folder: Path, count: int, size: int, *, seed: int = 0) -> list[Path]:
+    """``count`` eligible chest radiographs: CR, MONOCHROME2, 12 bits in 16, CHEST, PA.
+
+    Each has its own SOP Instance UID and one pixel that differs, so no two files have the
+    same digest. The image is a smooth field with two darker ellipses and noise, so the
+    window and the reduction do real work.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    field = 2600 - 900 * ((xx - 0.5) ** 2 + (yy - 0.45) ** 2)
+    for cx in (0.32, 0.68):
+        field -= 1200 * (((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
+    noise = rng.normal(0, 60, (size, size)).astype(np.float32)
+    pixels = np.clip(field + noise, 0, 4095).astype(np.uint16)
+    study = generate_uid()
+    paths = []
+    for i in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ComputedRadiographyImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.PatientID, ds.AccessionNumber, ds.StudyDate = f"BENCH{i:05d}", f"B{i:06d}", "20240101"
+        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        pixels[0, 0] = i % 4096
+        pixels[0, 1] = i // 4096
+        ds.PixelData = pixels.tobytes()
+        path = folder / f"{seed:03d}-{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_config(
+    work: Path, *, port: int, runtime: str, batch_size: int | None, log_level: str = "INFO"
+) -> Path:
+    """A config for ``serve`` with everything under ``work``; worker keys at their defaults
+    unless ``batch_size`` is given."""
+    worker = f"batch_size = {batch_size}\n" if batch_size else ""
+    text = (
+        f'[database]\nurl = "sqlite:///{work}/pacs.sqlite3"\n\n'
+        f'[storage]\nroot = "{work}/dicom"\nmin_free_mb = 1\n\n'
+        f'[listener]\nae_title = "{AE_TITLE}"\nhost = "127.0.0.1"\nport = {port}\n\n'
+        f'[model]\ndir = "{work}/models"\nruntime = "{runtime}"\n\n'
+        f"[worker]\n{worker}\n"
+        "[scheduler]\nenabled = false\n\n"
+        f'[logging]\nlevel = "{log_level}"\n'
+    )
+    path = work / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def database_url(work: Path) -> str:
+    return f"sqlite:///{work}/pacs.sqlite3"
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` every 0.2 s; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Serve:
+    """A ``pacs-classifier serve`` subprocess with its output in a log file."""
+
+    def __init__(self, config: Path, roles: str, log_path: Path) -> None:
+        self.log_path = log_path
+        cli = [sys.executable, "-m", "pacs_classifier", "--config", str(config)]
+        with log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*cli, "serve", "--roles", roles],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=subprocess_env(),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{tail}")
+
+    def wait_listening(self, port: int, timeout_s: float = 120) -> None:
+        def up() -> bool:
+            self.check_alive()
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(up, timeout_s, f"serve to listen on port {port}")
+
+    def stop(self, timeout_s: float = 120) -> int:
+        """SIGTERM, as an operator would; SIGKILL if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(30)
+
+
+def build_tiny_bundle(out: Path) -> Path:
+    """A real InceptionV3 classifier at 75 px with random weights (plumbing speed only)."""
+    import keras
+
+    from pacs_classifier.infer.bundle import write_metadata, write_model_files
+    from pacs_classifier.train.model import BaseWeights, build_base, build_classifier, cut_base
+
+    keras.utils.set_random_seed(7)
+    base = cut_base(build_base(BaseWeights.parse("none"), TINY_SIZE), "mixed10")
+    model = build_classifier(base, TINY_SIZE, "symmetric")
+    files = write_model_files(model, out)
+    write_metadata(
+        out,
+        {
+            "version": "bench-tiny-75",
+            "created_at": utcnow().isoformat(),
+            "image_size": TINY_SIZE,
+            "threshold": {"value": 0.5, "rule": "benchmark"},
+            "calibration": {"temperature": 1.0},
+            "files": files,
+            "metrics": {"final": {}},
+        },
+    )
+    return out
+
+
+def choose_bundle(bundle: Path | None, work: Path) -> tuple[Path, str]:
+    """(bundle folder, description): ``--bundle``, else models/reference, else a tiny one."""
+    if bundle is not None:
+        return bundle, f"--bundle {bundle}"
+    if (REFERENCE / "metadata.json").is_file():
+        return REFERENCE, "reference bundle (models/reference)"
+    return build_tiny_bundle(work / "tiny-bundle"), "tiny 75 px bundle, random weights"
+
+
+def prepare_database(work: Path, bundle: Path, runtime: str) -> tuple[str, int]:
+    """Migrate a fresh SQLite database and register + activate ``bundle``.
+
+    Returns the registered copy's path and its image size. The export to ONNX / int8
+    (with parity) runs unless the runtime is ``keras``, as ``auto`` needs its record.
+    """
+    from pacs_classifier.db.migrate import upgrade
+    from pacs_classifier.infer.registry import register_bundle
+
+    url = database_url(work)
+    upgrade(url)
+    db = Database(url)
+    try:
+        row = register_bundle(
+            db, bundle, work / "models", actor="bench", activate=True, export=runtime != "keras"
+        )
+        return row.path, row.image_size
+    finally:
+        db.dispose()
+
+
+def storescu(port: int, files: Sequence[Path], *, wait: bool = True) -> subprocess.Popen[bytes]:
+    """Send ``files`` on one association with dcmtk; wait for it unless ``wait`` is False."""
+    proc = subprocess.Popen(
+        ["storescu", "-aet", "BENCH", "-aec", AE_TITLE, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    if wait:
+        check_storescu(proc)
+    return proc
+
+
+def check_storescu(proc: subprocess.Popen[bytes]) -> None:
+    _, err = proc.communicate(timeout=600)
+    text = err.decode(errors="replace")
+    if proc.returncode != 0 or "E:" in text:
+        raise RuntimeError(f"storescu failed ({proc.returncode}): {text[-2000:]}")
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What the database says about the measured instances."""
+
+    count: int
+    predicted: int
+    first_received: float
+    last_predicted: float
+    latencies: list[float]
+
+    @property
+    def images_per_s(self) -> float:
+        span = self.last_predicted - self.first_received
+        return self.predicted / span if span > 0 else math.nan
+
+
+def max_instance_id(db: Database) -> int:
+    with db.session() as session:
+        return int(session.scalar(select(func.max(Instance.id))) or 0)
+
+
+def predicted_count(db: Database, after_id: int) -> int:
+    """Instances with id > ``after_id`` that have at least one prediction."""
+    with db.session() as session:
+        return int(
+            session.scalar(
+                select(func.count(func.distinct(Prediction.instance_id))).where(
+                    Prediction.instance_id > after_id
+                )
+            )
+            or 0
+        )
+
+
+def unfinished_jobs(db: Database, after_id: int) -> dict[str, int]:
+    """Job states other than done of the measured instances (not_assessed, failed, …)."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Job.state, func.count())
+            .where(Job.instance_id > after_id, Job.state != JobState.DONE)
+            .group_by(Job.state)
+        ).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+def timing(db: Database, after_id: int) -> Timing:
+    """Receive → first prediction of every instance with id > ``after_id``."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Instance.received_at, func.min(Prediction.created_at))
+            .outerjoin(Prediction, Prediction.instance_id == Instance.id)
+            .where(Instance.id > after_id)
+            .group_by(Instance.id, Instance.received_at)
+        ).all()
+    received = [r[0].timestamp() for r in rows]
+    pairs = [(r[0].timestamp(), r[1].timestamp()) for r in rows if r[1] is not None]
+    return Timing(
+        count=len(rows),
+        predicted=len(pairs),
+        first_received=min(received) if received else math.nan,
+        last_predicted=max(p for _, p in pairs) if pairs else math.nan,
+        latencies=sorted(p - r for r, p in pairs),
+    )
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (what a report of n values can honestly claim)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def raw_inference(
+    model_path: str, runtime: str, files: Sequence[Path], batch: int, images: int, rounds: int
+) -> tuple[float, float, str]:
+    """(median, best) images/s of ``predict`` on batches of ``batch``, and the runtime used."""
+    from pacs_classifier.infer.runtime import load_predictor
+    from pacs_classifier.preprocess import normalize_dataset
+    from pacs_classifier.preprocess.decode import read_dataset
+
+    predictor = load_predictor(model_path, runtime)
+    size = predictor.info.image_size
+    tensors = [normalize_dataset(read_dataset(f), size) for f in files[:batch]]
+    pool = np.stack(tensors).astype(np.float32)
+    x = np.ascontiguousarray(np.resize(pool, (images, *pool.shape[1:])), dtype=np.float32)
+    predictor.predict(x[:batch])  # warm-up: tracing, allocation
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for i in range(0, images, batch):
+            predictor.predict(x[i : i + batch])
+        times.append(time.perf_counter() - started)
+    return images / statistics.median(times), images / min(times), type(predictor).__name__
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def send_steady(port: int, files: Sequence[Path], rate: float) -> float:
+    """One association per file, started every 1/``rate`` s; returns the achieved rate."""
+    started = time.monotonic()
+    running: list[subprocess.Popen[bytes]] = []
+    for i, f in enumerate(files):
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        running.append(storescu(port, [f], wait=False))
+    for proc in running:
+        check_storescu(proc)
+    span = time.monotonic() - started
+    return len(files) / span if span > 0 else math.nan
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    bundle, described = choose_bundle(args.bundle, work)
+    print(f"model: {described}", flush=True)
+    started = time.perf_counter()
+    model_path, image_size = prepare_database(work, bundle, args.runtime)
+    print(f"registered ({image_size}²) in {time.perf_counter() - started:.0f} s", flush=True)
+    files = generate_chest_files(work / "send", args.count + args.warmup, args.size)
+    warm, measured = files[: args.warmup], files[args.warmup :]
+    port = free_port()
+    config = write_config(work, port=port, runtime=args.runtime, batch_size=args.batch_size)
+    batch = args.batch_size or WorkerConfig().batch_size
+    db = Database(database_url(work))
+    serve = Serve(config, "listener,worker", work / "serve.log")
+    try:
+        serve.wait_listening(port)
+        if warm:  # the worker loads the model on its first batch: not part of the numbers
+            storescu(port, warm)
+
+            def warmed() -> bool:
+                serve.check_alive()
+                return predicted_count(db, 0) >= len(warm)
+
+            wait_until(warmed, 600, "the warm-up predictions")
+        cutoff = max_instance_id(db)
+        print(f"before: {load_average()}", flush=True)
+        send_started = time.monotonic()
+        if args.rate > 0:
+            send_rate = send_steady(port, measured, args.rate)
+        else:
+            storescu(port, measured)
+            send_rate = len(measured) / (time.monotonic() - send_started)
+
+        def finished() -> bool:
+            serve.check_alive()
+            if predicted_count(db, cutoff) >= len(measured):
+                return True
+            left = unfinished_jobs(db, cutoff)
+            return (
+                sum(n for s, n in left.items() if s not in (JobState.QUEUED, JobState.RUNNING)) > 0
+            )
+
+        wait_until(finished, 120 + 5 * len(measured), "the predictions")
+        after_load = load_average()
+        result = timing(db, cutoff)
+        other = unfinished_jobs(db, cutoff)
+    finally:
+        code = serve.stop()
+        db.dispose()
+    print(f"after: {after_load}; serve exited with {code}", flush=True)
+    if other:
+        print(f"jobs not done: {other} (see {work / 'serve.log'})")
+    infer_images = batch * max(2, math.ceil(min(len(measured), 64) / batch))
+    median, best, runtime_class = raw_inference(
+        model_path, args.runtime, measured, batch, infer_images, args.rounds
+    )
+    report(args, result, send_rate, batch, (median, best, runtime_class), infer_images)
+    return 0 if result.predicted == len(measured) else 1
+
+
+def report(
+    args: argparse.Namespace,
+    result: Timing,
+    send_rate: float,
+    batch: int,
+    inference: tuple[float, float, str],
+    infer_images: int,
+) -> None:
+    median, best, runtime_class = inference
+    mode = f"steady {args.rate:g} images/s" if args.rate > 0 else "one association, burst"
+    lat = result.latencies
+    rows = [
+        ("mode", mode),
+        ("images (size)", f"{result.predicted} of {result.count} predicted ({args.size}²)"),
+        ("runtime", f"{args.runtime} → {runtime_class}, batch_size {batch}"),
+        ("storescu send rate", f"{send_rate:.1f} files/s"),
+        ("end to end (first receive → last prediction)", f"{result.images_per_s:.1f} images/s"),
+        (
+            "raw inference, same model and runtime",
+            f"{median:.1f} images/s (best {best:.1f}; {infer_images} images × {args.rounds})",
+        ),
+        ("end to end / raw inference", f"{result.images_per_s / median:.2f}"),
+        ("end to end / storescu send rate", f"{result.images_per_s / send_rate:.2f}"),
+        (
+            "receive → result latency p50 / p95 / max",
+            f"{percentile(lat, 50):.2f} / {percentile(lat, 95):.2f} / "
+            f"{(lat[-1] if lat else math.nan):.2f} s",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    print(f"| {'measure':<{width}} | value |")
+    print(f"| {'-' * width} | --- |")
+    for key, value in rows:
+        print(f"| {key:<{width}} | {value} |")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--count", type=int, default=300, help="images measured")
+    parser.add_argument("--warmup", type=int, default=4, help="images sent before measuring")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="images/s, one association each (0: burst)"
+    )
+    parser.add_argument(
+        "--runtime", default="auto", choices=("auto", "keras", "onnx", "tflite-int8")
+    )
+    parser.add_argument("--size", type=int, default=2048, help="rows = columns of each image")
+    parser.add_argument("--bundle", type=Path, help="model bundle (default: models/reference)")
+    parser.add_argument("--batch-size", type=int, help="worker batch_size (default: config's)")
+    parser.add_argument("--rounds", type=int, default=3, help="raw inference rounds")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    if args.size < 256:
+        parser.error(
+            f"--size must be at least 256 (eligibility's min_short_side_px); got {args.size}"
+        )
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    print(f"machine: {machine()}; {load_average()}")
+    if args.keep:
+        work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+        print(f"work folder: {work}")
+        return run(args, work)
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        return run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
