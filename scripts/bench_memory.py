@@ -128,7 +128,7 @@ def worker_memory(args: argparse.Namespace, work: Path) -> Series:
     """Classify ``--pool`` images, then reclassify them all until ``--images`` are done."""
     from pacs_classifier.reclassify import run_finished, start_run
 
-    bundle, described = choose_bundle(args.bundle, work)
+    bundle, described = choose_bundle(args.bundle, work, args.inception)
     print(f"worker: model {described}", flush=True)
     prepare_database(work, bundle, args.runtime)
     files = generate_chest_files(work / "send", args.pool, args.size)
@@ -295,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runtime", default="auto", choices=("auto", "keras", "onnx", "tflite-int8")
     )
     parser.add_argument("--bundle", type=Path, help="model bundle (default: models/reference)")
+    parser.add_argument(
+        "--inception", type=int, default=0, metavar="PX", help="the full InceptionV3 at PX²"
+    )
     parser.add_argument("--batch-size", type=int, help="worker batch_size (default: config's)")
     parser.add_argument("--peer", choices=("pynetdicom", "dcmtk"), default="pynetdicom")
     args = parser.parse_args(argv)

@@ -19,11 +19,12 @@ Two modes: by default all images go on one association as fast as ``storescu`` s
 them (the backlog case); ``--rate R`` sends one association per image at R images/s
 (steady load, where the p95 latency is the number to watch).
 
-The model: ``--bundle PATH`` if given, else the reference bundle at ``models/reference``
-when it exists, else a tiny 75 px InceptionV3 bundle built on the spot (random weights;
-the speed of the plumbing, not of a real model). Runtimes other than ``keras`` need the
-export that registration can do: it runs here (with its parity check) unless
-``--runtime keras``.
+The model: ``--bundle PATH`` if given, else with ``--inception 299`` the full InceptionV3
+at 299² as ``bench_inference.py`` builds it, else the reference bundle at
+``models/reference`` when it exists, else a tiny 75 px InceptionV3 bundle built on the
+spot (random weights; the speed of the plumbing, not of a real model). Runtimes other
+than ``keras`` need the export that registration can do: it runs here (with its parity
+check) unless ``--runtime keras``.
 
     nice -n 10 .venv/bin/python scripts/bench_pipeline.py --count 300
     nice -n 10 .venv/bin/python scripts/bench_pipeline.py --rate 5 --count 300
@@ -245,10 +246,16 @@ def build_tiny_bundle(out: Path) -> Path:
     return out
 
 
-def choose_bundle(bundle: Path | None, work: Path) -> tuple[Path, str]:
-    """(bundle folder, description): ``--bundle``, else models/reference, else a tiny one."""
+def choose_bundle(bundle: Path | None, work: Path, inception: int = 0) -> tuple[Path, str]:
+    """(bundle folder, description): ``--bundle``, else a full InceptionV3 at ``inception``
+    px when asked, else models/reference, else a tiny one."""
     if bundle is not None:
         return bundle, f"--bundle {bundle}"
+    if inception:
+        from bench_inference import build_inception_bundle
+
+        weights = build_inception_bundle(work / "inception-bundle", inception)
+        return work / "inception-bundle", f"InceptionV3 {inception}² ({weights})"
     if (REFERENCE / "metadata.json").is_file():
         return REFERENCE, "reference bundle (models/reference)"
     return build_tiny_bundle(work / "tiny-bundle"), "tiny 75 px bundle, random weights"
@@ -414,7 +421,7 @@ def send_steady(port: int, files: Sequence[Path], rate: float) -> float:
 
 
 def run(args: argparse.Namespace, work: Path) -> int:
-    bundle, described = choose_bundle(args.bundle, work)
+    bundle, described = choose_bundle(args.bundle, work, args.inception)
     print(f"model: {described}", flush=True)
     started = time.perf_counter()
     model_path, image_size = prepare_database(work, bundle, args.runtime)
@@ -521,6 +528,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=2048, help="rows = columns of each image")
     parser.add_argument("--bundle", type=Path, help="model bundle (default: models/reference)")
+    parser.add_argument(
+        "--inception",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="instead of models/reference: the full InceptionV3 at PX² (ImageNet base "
+        "weights from ../shared/weights, random head), as bench_inference builds it",
+    )
     parser.add_argument("--batch-size", type=int, help="worker batch_size (default: config's)")
     parser.add_argument("--rounds", type=int, default=3, help="raw inference rounds")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
