@@ -121,10 +121,10 @@ def test_model_cli(tmp_path: Path, tiny_bundles: Bundles) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[database]\nurl = "sqlite:///db.sqlite3"\n[model]\ndir = "models"\n')
     assert _cli(config, "db", "upgrade").returncode == 0
-    proc = _cli(config, "model", "register", str(tiny_bundles.v1), "--activate")
+    proc = _cli(config, "model", "register", str(tiny_bundles.v1), "--activate", "--no-export")
     assert proc.returncode == 0, proc.stderr
     assert "tiny-v1 active" in proc.stdout
-    assert _cli(config, "model", "register", str(tiny_bundles.v2)).returncode == 0
+    assert _cli(config, "model", "register", str(tiny_bundles.v2), "--no-export").returncode == 0
     listing = _cli(config, "model", "list").stdout.splitlines()
     assert listing[0].split()[:2] == ["version", "threshold"]
     assert listing[1].startswith("*") and "tiny-v1" in listing[1]

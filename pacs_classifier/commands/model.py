@@ -18,6 +18,12 @@ def register(sub: Any) -> None:
     reg = msub.add_parser("register", help="check a bundle and copy it into model.dir")
     reg.add_argument("dir", type=Path, help="bundle folder")
     reg.add_argument("--activate", action="store_true", help="make it the active model")
+    reg.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip exporting to ONNX / int8 TFLite (each is kept only if it "
+        "passes its parity check against Keras); Keras serves alone",
+    )
     reg.set_defaults(func=run_register)
     lst = msub.add_parser("list", help="registered models")
     lst.set_defaults(func=run_list)
@@ -36,7 +42,12 @@ def run_register(args: argparse.Namespace) -> int:
     app = load_app(args)
     try:
         row = register_bundle(
-            app.checked_db(), args.dir, app.config.model_dir, actor=actor(), activate=args.activate
+            app.checked_db(),
+            args.dir,
+            app.config.model_dir,
+            actor=actor(),
+            activate=args.activate,
+            export=not args.no_export,
         )
     finally:
         app.close()
