@@ -44,6 +44,7 @@ from bench_pipeline import (
     load_average,
     machine,
     prepare_database,
+    resolved_runtime,
     storescu,
     subprocess_env,
     write_config,
@@ -130,7 +131,9 @@ def worker_memory(args: argparse.Namespace, work: Path) -> Series:
 
     bundle, described = choose_bundle(args.bundle, work, args.inception)
     print(f"worker: model {described}", flush=True)
-    prepare_database(work, bundle, args.runtime)
+    model_path, image_size = prepare_database(work, bundle, args.runtime)
+    runtime = resolved_runtime(model_path, args.runtime)
+    print(f"worker: runtime {args.runtime} → {runtime}, {image_size}²", flush=True)
     files = generate_chest_files(work / "send", args.pool, args.size)
     port = free_port()
     config = write_config(work, port=port, runtime=args.runtime, batch_size=args.batch_size)
@@ -141,7 +144,7 @@ def worker_memory(args: argparse.Namespace, work: Path) -> Series:
         storescu(port, files)
     finally:
         listener.stop()
-    series = Series("worker", "images", warmup_of(args, args.images))
+    series = Series(f"worker ({runtime}, {image_size}²)", "images", warmup_of(args, args.images))
     every = sample_every_of(args, args.images)
     worker = Serve(config, "worker", work / "worker.log")
     try:

@@ -282,6 +282,16 @@ def prepare_database(work: Path, bundle: Path, runtime: str) -> tuple[str, int]:
         db.dispose()
 
 
+def resolved_runtime(model_path: str, runtime: str) -> str:
+    """The runtime ``auto`` resolves to for this registered bundle (as the worker loads it)."""
+    if runtime != "auto":
+        return runtime
+    from pacs_classifier.infer.bundle import read_bundle
+    from pacs_classifier.infer.runtime import auto_choice, read_runtimes
+
+    return auto_choice(read_runtimes(read_bundle(model_path)))
+
+
 def storescu(port: int, files: Sequence[Path], *, wait: bool = True) -> subprocess.Popen[bytes]:
     """Send ``files`` on one association with dcmtk; wait for it unless ``wait`` is False."""
     proc = subprocess.Popen(
