@@ -64,8 +64,7 @@ ROLES: dict[str, StartRole] = {
     "scheduler": start_scheduler,
 }
 
-#: SPEC §2: all three roles by default. Until the worker and scheduler roles exist the
-#: default is the roles that do, so a plain ``serve`` still starts.
+#: SPEC §2: all three roles by default, in start order.
 DEFAULT_ROLES: tuple[str, ...] = tuple(r for r in KNOWN_ROLES if r in ROLES)
 
 
