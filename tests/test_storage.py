@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -18,19 +21,20 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
+from sqlalchemy.orm import Session
 
 from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent, Instance, Job, JobKind, JobState
-from pacs_classifier.errors import StorageFull
+from pacs_classifier.errors import DatabaseUnavailable, StorageFull
 from pacs_classifier.receive.inspect import (
     CannotUnderstand,
     SOPClassMismatch,
     check_structure,
     inspect_received,
 )
-from pacs_classifier.store.ingest import Ingestor, IngestOutcome, IngestResult
+from pacs_classifier.store.ingest import ACTION_RECOVER, Ingestor, IngestOutcome, IngestResult
 from pacs_classifier.store.storage import TMP_PREFIX, InvalidUID, Storage, check_uid
 
 
@@ -136,6 +140,26 @@ def test_commit_file_is_atomic_rename(storage: Storage) -> None:
     assert not final.exists()
 
 
+def test_intent_marker_names_its_file_and_foreign_names_are_ignored(storage: Storage) -> None:
+    uid = "1" * 64
+    final = storage.final_path(uid, uid, uid, "0123456789" * 7)  # the longest name
+    marker = storage.write_intent(final)
+    assert marker.parent == storage.pending_dir and marker.stat().st_size == 0
+    assert len(marker.name) <= 255
+    assert storage.write_intent(final) == marker  # announcing twice is harmless
+    other = storage.write_intent(storage.final_path("1.2", "1.2.3", "1.2.3.4", "ab" * 32))
+    for foreign in ("notes.txt", "1.2_1.3.intent", "1.2_.._1.4.abababababababab.dcm.intent"):
+        (storage.pending_dir / foreign).touch()
+    intents = storage.pending_intents()
+    assert [(i.marker, i.final, i.sop_instance_uid) for i in intents] == [
+        (other, storage.root / "1.2" / "1.2.3" / f"1.2.3.4.{'ab' * 8}.dcm", "1.2.3.4"),
+        (marker, final, uid),
+    ]
+    assert intents[1].file_path == storage.relative(final)
+    storage.clear_intent(marker)
+    assert [i.marker for i in storage.pending_intents()] == [other]
+
+
 # ------------------------------------------------------------------ data set checks
 
 
@@ -238,6 +262,7 @@ def test_ingest_store_duplicate_and_new_version(
         assert outcomes == ["stored", "duplicate", "new_version"]
         assert verify_chain(s).ok
     assert list(storage.tmp_dir.iterdir()) == []
+    assert list(storage.pending_dir.iterdir()) == []  # every marker dropped after its commit
 
 
 def test_failed_commit_leaves_no_file(storage: Storage, database: Database, tmp_path: Path) -> None:
@@ -269,3 +294,125 @@ def test_failed_commit_leaves_no_file(storage: Storage, database: Database, tmp_
     with database.session() as s:
         assert s.execute(select(Instance)).first() is None
         assert s.execute(select(AuditEvent)).first() is None
+
+
+# ------------------------------------------------------------------ crash windows
+
+
+@contextmanager
+def commit_acknowledgement_lost(database: Database, *, then_unreachable: bool) -> Iterator[None]:
+    """The next COMMIT really commits, then raises, as a connection lost during COMMIT does.
+
+    With ``then_unreachable``, every transaction begun after it fails too (the database
+    went away), so whether the row was committed cannot be checked.
+    """
+    state = {"committed": False}
+
+    def after_commit(session: Session) -> None:
+        if session.get_bind() is database.engine and not state["committed"]:
+            state["committed"] = True
+            raise DatabaseUnavailable("database connection lost: server closed the connection")
+
+    def after_begin(session: Session, *_: Any) -> None:
+        if then_unreachable and state["committed"] and session.get_bind() is database.engine:
+            raise DatabaseUnavailable("database unavailable: connection refused")
+
+    event.listen(Session, "after_commit", after_commit)
+    event.listen(Session, "after_begin", after_begin)
+    try:
+        yield
+    finally:
+        event.remove(Session, "after_commit", after_commit)
+        event.remove(Session, "after_begin", after_begin)
+    assert state["committed"], "no COMMIT happened"
+
+
+def test_lost_commit_acknowledgement_keeps_the_committed_file(
+    storage: Storage, database: Database, tmp_path: Path
+) -> None:
+    """The row is committed but the commit raised: the file stays, and it counts as stored."""
+    ds = make_dataset()
+    with commit_acknowledgement_lost(database, then_unreachable=False):
+        _, result = _ingest(storage, database, ds, tmp_path)
+    assert result.outcome == IngestOutcome.STORED
+    with database.session() as s:
+        row = s.execute(select(Instance)).scalar_one()
+        job = s.execute(select(Job)).scalar_one()
+    assert (result.instance_id, result.job_id) == (row.id, job.id)
+    data = (storage.root / row.file_path).read_bytes()
+    assert hashlib.sha256(dataset_bytes(data)).hexdigest() == row.file_sha256
+    assert result.file_path == storage.root / row.file_path
+    assert list(storage.pending_dir.iterdir()) == []
+    assert list(storage.tmp_dir.iterdir()) == []
+
+
+def test_unknown_commit_outcome_keeps_file_and_marker_for_recovery(
+    storage: Storage, database: Database, tmp_path: Path
+) -> None:
+    """Commit raised and the database is gone: keep both; start-up recovery settles them."""
+    with (
+        commit_acknowledgement_lost(database, then_unreachable=True),
+        pytest.raises(DatabaseUnavailable, match="connection lost"),
+    ):
+        _ingest(storage, database, make_dataset(), tmp_path)
+    with database.session() as s:
+        row = s.execute(select(Instance)).scalar_one()
+    final = storage.root / row.file_path
+    assert final.is_file()
+    assert [i.file_path for i in storage.pending_intents()] == [row.file_path]
+    recovery = Ingestor(database, storage).recover_pending(actor="listener")
+    assert (recovery.kept, recovery.removed, recovery.unsettled) == ([row.file_path], [], [])
+    assert final.is_file()
+    assert list(storage.pending_dir.iterdir()) == []
+    with database.session() as s:
+        actions = s.execute(select(AuditEvent.action)).scalars().all()
+    assert actions == ["store"]  # a committed file is not a recovery
+
+
+def test_recover_pending_removes_only_unreferenced_files(
+    storage: Storage, database: Database, tmp_path: Path
+) -> None:
+    """Markers left by crashes: before the rename, after it, and after the commit."""
+    _, stored = _ingest(storage, database, make_dataset(), tmp_path)
+    before = stored.file_path.stat()
+    storage.write_intent(stored.file_path)  # crashed after the commit, marker not dropped
+    # Crashed after the rename, before the commit: the file has its final name, no row.
+    orphan_ds = make_dataset()
+    orphan_tmp = storage.write_temp(encode(orphan_ds))
+    meta, _ = inspect_received(orphan_tmp, ExplicitVRLittleEndian, orphan_ds.SOPClassUID)
+    orphan = storage.final_path(
+        meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.sha256
+    )
+    storage.write_intent(orphan)
+    storage.commit_file(orphan_tmp, orphan)
+    # Crashed after the marker, before the rename: no file at all.
+    never = storage.final_path("1.2", "1.2.3", "1.2.3.4", "ef" * 32)
+    storage.write_intent(never)
+    (storage.pending_dir / "notes.txt").write_text("not ours")
+
+    recovery = Ingestor(database, storage).recover_pending(actor="listener")
+
+    assert sorted(recovery.removed) == sorted([storage.relative(orphan), storage.relative(never)])
+    assert recovery.kept == [storage.relative(stored.file_path)]
+    assert not orphan.exists() and not never.exists()
+    after = stored.file_path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
+    assert [p.name for p in storage.pending_dir.iterdir()] == ["notes.txt"]
+    with database.session() as s:
+        events = s.execute(
+            select(AuditEvent).where(AuditEvent.action == ACTION_RECOVER).order_by(AuditEvent.id)
+        ).scalars()
+        recovered = {
+            (e.actor, e.outcome, e.entity_id, e.detail["file_path"], e.detail["file_existed"])
+            for e in events
+        }
+        assert verify_chain(s).ok
+    assert recovered == {
+        ("listener", "removed", meta.sop_instance_uid, storage.relative(orphan), True),
+        ("listener", "removed", "1.2.3.4", storage.relative(never), False),
+    }
+    assert Ingestor(database, storage).recover_pending(actor="listener").removed == []

@@ -5,6 +5,14 @@ been fsynced, an atomic ``rename`` and an fsync of the directory that now holds 
 crash at any point leaves either the old state or the complete file, never a partial
 one. Temporary files left by a crash are removed when the storage is opened.
 
+A file that reached its final name but whose database row was never committed (a crash,
+or a commit that failed and whose outcome could not be checked) would be referenced by
+nothing. So, before the rename, an intent marker is created in ``<root>/.pending``
+(:meth:`Storage.write_intent`): an empty file whose *name* is the final path, so that only
+the directory needs an fsync. It is removed once the commit (or the cleanup after a failed
+one) is done; at start-up, :meth:`~pacs_classifier.store.ingest.Ingestor.recover_pending`
+compares every marker left with the ``instances`` table. No scan of the archive is needed.
+
 Layout: ``<root>/<study uid>/<series uid>/<sop instance uid>.<sha256[:16]>.dcm``. UIDs
 are validated before they become path components, so ``1.2.3/../../x`` cannot escape
 the root.
@@ -27,10 +35,16 @@ from pacs_classifier.errors import PermanentError, StorageFull
 log = logging.getLogger(__name__)
 
 TMP_DIR_NAME = ".tmp"
+PENDING_DIR_NAME = ".pending"
+#: Suffix of an intent marker; its name is the final path with ``/`` written as ``_``.
+INTENT_SUFFIX = ".intent"
+_INTENT_SEP = "_"
 #: Prefix of every temporary file we create, so cleanup never touches anything else.
 TMP_PREFIX = "rx-"
 MAX_UID_LENGTH = 64
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+#: The last part of a marker's name: ``<sop instance uid>.<sha256[:16]>.dcm``.
+_MARKED_FILE_RE = re.compile(r"([0-9.]+)\.([0-9a-f]{16})\.dcm")
 _COPY_CHUNK = 1 << 20
 
 
@@ -83,17 +97,30 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Intent:
+    """An intent marker left in ``.pending``: the final file it announced."""
+
+    marker: Path
+    final: Path
+    #: ``<study>/<series>/<sop>.<sha256[:16]>.dcm``, as in ``instances.file_path``.
+    file_path: str
+    sop_instance_uid: str
+
+
 class Storage:
     """The folder of received instances, with crash-safe writes."""
 
     def __init__(self, root: Path, min_free_mb: int) -> None:
         self.root = root.resolve()
         self.tmp_dir = self.root / TMP_DIR_NAME
+        self.pending_dir = self.root / PENDING_DIR_NAME
         self.min_free_mb = min_free_mb
 
     def open(self) -> int:
         """Create the folders and delete temporary files left by a crash; return how many."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.pending_dir.mkdir(exist_ok=True)
         return self.sweep_temp()
 
     def sweep_temp(self, idle_s: float = 0.0) -> int:
@@ -200,6 +227,66 @@ class Storage:
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+    # ------------------------------------------------------------------ intent journal
+
+    def intent_marker(self, final: Path) -> Path:
+        """The marker announcing ``final``: its relative path, ``/`` written as ``_``.
+
+        Validated UIDs and hex hold no ``_``, so the name maps back to one path; it is
+        at most 222 characters, under every file system's 255.
+        """
+        name = self.relative(final).replace("/", _INTENT_SEP)
+        return self.pending_dir / f"{name}{INTENT_SUFFIX}"
+
+    def write_intent(self, final: Path) -> Path:
+        """Durably announce that ``final`` is about to appear; call before the rename.
+
+        An empty file and one fsync of ``.pending``: the name carries the intent, so the
+        directory entry is all that must reach the disk before the rename does.
+        Re-announcing a path already announced is harmless.
+        """
+        marker = self.intent_marker(final)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+        fsync_dir(self.pending_dir)
+        return marker
+
+    def clear_intent(self, marker: Path) -> None:
+        """Drop a marker whose outcome is settled.
+
+        Not fsynced: a marker that reappears after a crash is settled again at start-up
+        (its row exists, or its file is already gone), which costs nothing but a query.
+        """
+        marker.unlink(missing_ok=True)
+
+    def pending_intents(self) -> list[Intent]:
+        """Markers left by a crash or by an unsettled commit, in name order.
+
+        A file in ``.pending`` that is not a well-formed marker is logged and left
+        alone: it is not ours, and its name is never trusted as a path.
+        """
+        if not self.pending_dir.is_dir():
+            return []
+        intents: list[Intent] = []
+        for entry in sorted(self.pending_dir.iterdir()):
+            try:
+                intents.append(self._parse_intent(entry))
+            except InvalidUID as exc:
+                log.warning("ignoring %s in %s: %s", entry.name, self.pending_dir, exc)
+        return intents
+
+    def _parse_intent(self, marker: Path) -> Intent:
+        name = marker.name
+        if not name.endswith(INTENT_SUFFIX):
+            raise InvalidUID("not an intent marker")
+        parts = name[: -len(INTENT_SUFFIX)].split(_INTENT_SEP)
+        match = _MARKED_FILE_RE.fullmatch(parts[-1]) if len(parts) == 3 else None
+        if match is None:
+            raise InvalidUID("not <study>_<series>_<sop>.<sha16>.dcm")
+        sop_uid, sha_prefix = match.group(1), match.group(2)
+        # final_path validates every UID component and that the path stays under root.
+        final = self.final_path(parts[0], parts[1], sop_uid, sha_prefix)
+        return Intent(marker, final, self.relative(final), sop_uid)
 
     def _ensure_dir(self, path: Path) -> None:
         if path.is_dir():
