@@ -15,12 +15,22 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from sqlalchemy import select
-from test_listener import CALLED, assert_all_stored, free_port, small_instance
+from test_listener import (
+    CALLED,
+    assert_all_stored,
+    audit_outcomes,
+    free_port,
+    running,
+    send,
+    small_instance,
+)
 
 from pacs_classifier.commands import serve
+from pacs_classifier.config import load_config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Instance
 from pacs_classifier.receive import statuses
+from pacs_classifier.store.ingest import ACTION_RECOVER, CRASH_AFTER_RENAME, CRASH_AT_ENV
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
@@ -45,9 +55,9 @@ def serve_cmd(config: Path, *roles: str) -> list[str]:
 class Server:
     """A ``serve`` subprocess whose stderr is read in the background."""
 
-    def __init__(self, cmd: list[str]) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+            cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
         )
         self.lines: list[str] = []
         self.listening = threading.Event()
@@ -71,8 +81,8 @@ class Server:
 
 
 @contextmanager
-def server(cmd: list[str]) -> Iterator[Server]:
-    s = Server(cmd)
+def server(cmd: list[str], env: dict[str, str] | None = None) -> Iterator[Server]:
+    s = Server(cmd, env)
     try:
         yield s
     finally:
@@ -206,3 +216,49 @@ def test_kill_9_loses_nothing_acknowledged_and_sigterm_drains(
 def _stored_uids(db: Database) -> set[str]:
     with db.session() as s:
         return set(s.execute(select(Instance.sop_instance_uid)).scalars())
+
+
+def test_kill_9_between_rename_and_commit_leaves_no_orphan(tmp_path: Path, sqlite_url: str) -> None:
+    """A listener killed right after the rename; the next start removes what it left."""
+    port = free_port()
+    config_path = write_config(tmp_path, sqlite_url, port)
+    config = load_config(config_path, environ={})
+    root = config.storage_root
+    acked, lost = small_instance(seed=1), small_instance(seed=2)
+    with running(config) as (app, _):
+        assert send(port, [acked]) == [statuses.SUCCESS]
+        with app.db.session() as s:
+            kept_path = root / s.execute(select(Instance.file_path)).scalar_one()
+    kept_before = kept_path.stat()
+    kept_bytes = kept_path.read_bytes()
+
+    # The test hook kills the process (SIGKILL) once the file has its final name.
+    env = {**os.environ, CRASH_AT_ENV: CRASH_AFTER_RENAME}
+    with server(serve_cmd(config_path, "listener"), env) as crashing:
+        crashing.wait_listening()
+        answered = send(port, [lost])
+        assert crashing.finish() == -signal.SIGKILL
+    assert answered == [-1]  # no status: the sender still holds the instance
+    orphans = [p for p in root.rglob("*.dcm") if p.parent.name != ".tmp" and p != kept_path]
+    assert len(orphans) == 1  # the crash window really was hit
+    orphan = orphans[0]
+    assert [m.name for m in (root / ".pending").iterdir()] == [
+        orphan.relative_to(root).as_posix().replace("/", "_") + ".intent"
+    ]
+
+    with running(config) as (app, _):
+        assert not orphan.exists()
+        assert list((root / ".pending").iterdir()) == []
+        recovered = audit_outcomes(app.db, ACTION_RECOVER)
+        assert [(a, o, d["file_path"]) for a, o, d in recovered] == [
+            ("listener", "removed", orphan.relative_to(root).as_posix())
+        ]
+        kept_after = kept_path.stat()
+        assert (kept_after.st_ino, kept_after.st_mtime_ns) == (
+            kept_before.st_ino,
+            kept_before.st_mtime_ns,
+        )
+        assert kept_path.read_bytes() == kept_bytes
+        # The sender retries what was never acknowledged; now it is stored once.
+        assert send(port, [lost]) == [statuses.SUCCESS]
+        assert_all_stored(app.db, root, {str(acked.SOPInstanceUID), str(lost.SOPInstanceUID)})

@@ -12,6 +12,17 @@ walks its element headers, hashes it, fsyncs it and hands it to
 :class:`~pacs_classifier.store.ingest.Ingestor`, which renames it into place and commits
 the row, the job and the audit event in one transaction. Success is answered only after
 that commit. No pixel data is decoded here.
+
+Crashes: the rename into the final name is announced by an intent marker in
+``<storage.root>/.pending``, dropped once the commit is settled. At start-up, before the
+port is bound, the listener deletes the temporary files a crash left in ``.tmp`` and
+settles every marker left in ``.pending``
+(:meth:`~pacs_classifier.store.ingest.Ingestor.recover_pending`): a file that no
+``instances`` row references was never acknowledged, so it is removed and the removal
+audited (action ``storage.recover``, actor ``listener``); the sender still holds that
+instance and sends it again. A commit that fails but whose row is found committed by a
+second look (a lost COMMIT acknowledgement) is answered Success; if that look fails too,
+0xA700, and the marker is left for the next start.
 """
 
 from __future__ import annotations
@@ -71,6 +82,8 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 #: PS3.4 Annex A: the Verification SOP Class.
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 ACTION_ASSOCIATION = "association"
+#: Audit actor of what the listener does on its own (start-up recovery).
+ACTOR_LISTENER = "listener"
 REJECT_REASON_CALLING_AE = "calling AE title not recognised"
 
 
@@ -357,8 +370,10 @@ class Listener:
         return ae
 
     def start(self) -> None:
-        """Open the storage, bind the port and serve in background threads."""
+        """Open the storage, settle what a crash left, bind the port and serve."""
         self.ctx.storage.open()
+        # Before serving: no ingest of ours is under way, so every marker is a leftover.
+        self.ctx.ingestor.recover_pending(actor=ACTOR_LISTENER)
         configure_pynetdicom()
         self._ae = self.build_ae()
         handlers: list[Any] = [
