@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,24 +105,40 @@ def send(port: int, called: str, files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def run_receiver(cmd: list[str], port: int, called: str, files: list[Path]) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Run:
+    files_per_s: float
+    #: The receiver's own CPU per file: independent of how fast the sender can go.
+    cpu_ms_per_file: float
+
+
+def run_receiver(cmd: list[str], port: int, called: str, files: list[Path]) -> Run:
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc)
-        return send(port, called, files)
+        before = cpu_seconds(proc.pid)
+        rate = send(port, called, files)
+        used = cpu_seconds(proc.pid) - before
+        return Run(rate, 1000 * used / len(files))
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def dcmtk_storescp(work: Path, files: list[Path]) -> float:
+def dcmtk_storescp(work: Path, files: list[Path]) -> Run:
     out = work / "dcmtk"
     out.mkdir()
     port = free_port()
     return run_receiver(["storescp", "-od", str(out), str(port)], port, "ANY-SCP", files)
 
 
-def minimal_pynetdicom(work: Path, files: list[Path]) -> float:
+def minimal_pynetdicom(work: Path, files: list[Path]) -> Run:
     out = work / "minimal"
     out.mkdir()
     port = free_port()
@@ -129,7 +146,7 @@ def minimal_pynetdicom(work: Path, files: list[Path]) -> float:
     return run_receiver(cmd, port, "MINIMAL", files)
 
 
-def ours(work: Path, files: list[Path]) -> float:
+def ours(work: Path, files: list[Path]) -> Run:
     port = free_port()
     config = work / "config.toml"
     config.write_text(
@@ -156,24 +173,34 @@ def main() -> int:
     files = generate(files_dir, args.count)
     mb = sum(p.stat().st_size for p in files) / len(files) / 1e6
     print(f"{len(files)} files of {mb:.1f} MB; storescu with TCP_NODELAY=1; {args.repeat} runs")
-    receivers: dict[str, Callable[[Path, list[Path]], float]] = {
+    receivers: dict[str, Callable[[Path, list[Path]], Run]] = {
         "dcmtk storescp": dcmtk_storescp,
         "minimal pynetdicom SCP": minimal_pynetdicom,
         "ours (fsync + commit, SQLite)": ours,
     }
-    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    runs: dict[str, list[Run]] = {name: [] for name in receivers}
     # Interleave the receivers so a noisy neighbour hurts them all alike.
     for _ in range(args.repeat):
         for name, fn in receivers.items():
             with tempfile.TemporaryDirectory(dir=files_dir.parent) as work:
-                rates[name].append(fn(Path(work), files))
-    medians = {name: statistics.median(r) for name, r in rates.items()}
-    for name, r in rates.items():
-        runs = ", ".join(f"{x:.1f}" for x in r)
-        print(f"{name:32s} {medians[name]:6.1f} files/s (median; runs: {runs})")
-    ours_rate = medians["ours (fsync + commit, SQLite)"]
-    print(f"ours / minimal pynetdicom = {ours_rate / medians['minimal pynetdicom SCP']:.2f}")
-    print(f"ours / dcmtk storescp     = {ours_rate / medians['dcmtk storescp']:.2f}")
+                runs[name].append(fn(Path(work), files))
+    rate = {name: statistics.median(r.files_per_s for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r.cpu_ms_per_file for r in rs) for name, rs in runs.items()}
+    for name, rs in runs.items():
+        each = ", ".join(f"{r.files_per_s:.1f}" for r in rs)
+        print(
+            f"{name:32s} {rate[name]:6.1f} files/s (median; runs: {each}); "
+            f"receiver CPU {cpu[name]:.1f} ms/file"
+        )
+    o, m, d = "ours (fsync + commit, SQLite)", "minimal pynetdicom SCP", "dcmtk storescp"
+    print(
+        f"ours / minimal pynetdicom = {rate[o] / rate[m]:.2f} files/s, "
+        f"{cpu[m] / cpu[o]:.2f} by receiver CPU per file"
+    )
+    print(
+        f"ours / dcmtk storescp     = {rate[o] / rate[d]:.2f} files/s, "
+        f"{cpu[d] / cpu[o]:.2f} by receiver CPU per file"
+    )
     return 0
 
 
