@@ -54,8 +54,13 @@ def test_classify_record_stores_and_classifies_through_the_queue(
     finally:
         db.dispose()
     cfg = write_config_file(tmp_path / "config.toml", config)
+    # A transfer a running listener has in flight in the same storage root must survive.
+    in_flight = config.storage_root / ".tmp" / "rx-in-flight.part"
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"half a data set")
     out = cli(cfg, "classify", "--record", str(dicom_dir / CHEST), str(dicom_dir / LEG))
     assert out.returncode == 0, out.stderr
+    assert in_flight.read_bytes() == b"half a data set"
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["file", "label", "probability", "reason"]
     assert lines[2].split()[1] == "NORMAL"

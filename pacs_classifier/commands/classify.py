@@ -115,7 +115,7 @@ def record(app: App, paths: list[Path]) -> list[Row]:
 
     db = app.checked_db()
     storage = app.storage
-    storage.open()
+    storage.ensure_dirs()  # never sweep: a listener may be receiving into the same root
     ingestor = Ingestor(db, storage)
     actor = f"cli:{getpass.getuser()}"
     stored: dict[str, int | None] = {}

@@ -117,10 +117,19 @@ class Storage:
         self.pending_dir = self.root / PENDING_DIR_NAME
         self.min_free_mb = min_free_mb
 
-    def open(self) -> int:
-        """Create the folders and delete temporary files left by a crash; return how many."""
+    def ensure_dirs(self) -> None:
+        """Create the storage folders; touches nothing already there."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.pending_dir.mkdir(exist_ok=True)
+
+    def open(self) -> int:
+        """Create the folders and delete temporary files left by a crash; return how many.
+
+        Only the listener calls this, at start: another process storing into the same root
+        while a listener runs (``classify --record``) uses :meth:`ensure_dirs`, or it would
+        delete the listener's transfers in flight.
+        """
+        self.ensure_dirs()
         return self.sweep_temp()
 
     def sweep_temp(self, idle_s: float = 0.0) -> int:
