@@ -213,6 +213,7 @@ class NightlyScheduler:
         self.trigger = build_trigger(config.reclassify_cron, config.timezone)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._standby_logged = False
         self._scheduler: Any = None
         self.is_leader = threading.Event()
 
@@ -246,6 +247,12 @@ class NightlyScheduler:
                 )
                 self._start_apscheduler()
                 self.is_leader.set()
+                self._standby_logged = False
+            elif not self._standby_logged:
+                # Said once, so an operator running several serve processes sees why this
+                # one's scheduler is quiet.
+                log.info("scheduler: another process leads; standing by (%s)", self.holder)
+                self._standby_logged = True
             return
         if not self.lock.still_held():
             log.warning("scheduler: leadership lost; standing by")

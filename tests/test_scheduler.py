@@ -115,3 +115,38 @@ def test_missed_run_is_caught_up_once_after_restart(
     (run,) = _runs(database)
     assert run.trigger == RunTrigger.SCHEDULE
     assert run.state == RunState.DONE and run.instances_total == 0  # nothing assessed yet
+
+
+def test_two_serve_processes_run_the_nightly_job_once(
+    pg_url: str, tmp_path: Path, tiny_bundles: Bundles
+) -> None:
+    """Two real ``serve --roles scheduler`` processes on PostgreSQL: one run, not two."""
+    import signal
+
+    from pipeline_support import start_cli, write_config_file
+
+    db = Database(pg_url)
+    config = make_config(tmp_path, pg_url)
+    register_bundle(db, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
+    # Far enough ahead for both processes to start (TensorFlow is not imported by them).
+    cron, at = _cron_in(12)
+    config = replace(config, scheduler=replace(config.scheduler, reclassify_cron=cron))
+    cfg = write_config_file(tmp_path / "config.toml", config)
+    procs = [
+        start_cli(cfg, "serve", "--roles", "scheduler", log=tmp_path / f"serve{i}.log")
+        for i in range(2)
+    ]
+    try:
+        wait_for(lambda: len(_runs(db)) >= 1, timeout_s=60, what="the nightly run")
+        # past the fire time, long enough for a second leader to have fired too
+        time.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()) + 3)
+        runs = _runs(db)
+        assert len(runs) == 1
+        assert runs[0].trigger == RunTrigger.SCHEDULE
+        assert all(p.poll() is None for p in procs), "a scheduler process died"
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(60) for p in procs]
+        db.dispose()
+    assert codes == [0, 0], [(tmp_path / f"serve{i}.log").read_text()[-2000:] for i in range(2)]
