@@ -109,3 +109,24 @@ def test_write_evaluation_files(tmp_path: Path) -> None:
     assert rows[4]["label_pred"] == "PNEUMONIA" and rows[4]["label_true"] == "NORMAL"
     for plot in ("roc", "precision_recall", "confusion_matrix", "calibration"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+
+
+def test_platt_recovers_temperature_and_bias_and_beats_temperature_alone() -> None:
+    from pacs_classifier.train.trainer import fit_operating_point
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, 20000)
+    y = rng.uniform(size=logits.size) < 1 / (1 + np.exp(-logits))
+    # what class weighting does: scores scaled and shifted towards the negative class
+    shifted = 1 / (1 + np.exp(-(2 * logits - 1.5)))
+    t, b = mt.fit_platt(y, shifted)
+    assert t == pytest.approx(2.0, rel=0.05)
+    assert b == pytest.approx(0.75, abs=0.05)
+    platt = fit_operating_point(y, shifted, "platt", 0.97)
+    temp = fit_operating_point(y, shifted, "temperature", 0.97)
+    assert platt.metrics["ece"] < 0.01 < temp.metrics["ece"]
+    # a monotone calibration leaves every decision of the threshold rule as it was
+    assert platt.metrics["confusion"] == temp.metrics["confusion"]
+    assert platt.calibration["bias"] == pytest.approx(b)
+    assert temp.calibration["bias"] == 0.0
+    np.testing.assert_allclose(calibrate(shifted, t, b), platt.p_val)

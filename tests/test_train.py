@@ -291,3 +291,34 @@ def test_wrong_weights_file_fails_with_one_line(tmp_path: Path, tiny_data: Path)
         str(tmp_path / "absent.h5"),
     )
     _assert_one_line_error(proc, "not 'imagenet', 'none' or a file")
+
+
+def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "recal"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[1] / "scripts" / "recalibrate_bundle.py"),
+            str(tiny_bundle),
+            "--out",
+            str(out),
+            "--method",
+            "platt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old, new = read_bundle(tiny_bundle), read_bundle(out)
+    assert new.version == "tiny-1-platt"
+    assert new.metadata["files"] == old.metadata["files"]  # the model itself is untouched
+    assert new.metadata["derived_from"]["version"] == "tiny-1"
+    assert new.metadata["calibration"]["method"].startswith("Platt")
+    final = new.metadata["metrics"]["final"]
+    assert final["auc"] == pytest.approx(old.metadata["metrics"]["final"]["auc"])
+    assert final["sensitivity"] >= 0.97
+    assert (out / "plots" / "calibration.png").is_file()

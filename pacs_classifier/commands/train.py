@@ -56,6 +56,13 @@ def register(sub: Any) -> None:
         default=0.97,
         help="threshold rule: highest threshold keeping validation sensitivity >= this",
     )
+    p.add_argument(
+        "--calibration",
+        choices=("temperature", "platt"),
+        default="temperature",
+        help="fitted on validation: temperature scaling, or Platt scaling (temperature and "
+        "bias, which also undoes the shift class weighting gives the intercept)",
+    )
     p.add_argument("--no-augment", action="store_true", help="phase 2 without augmentation")
     p.add_argument("--version", help="bundle version (default: time and content hash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         base_input_range=args.base_input_range,
         lr_finetune=args.lr_finetune,
         target_sensitivity=args.target_sensitivity,
+        calibration=args.calibration,
         augment=not args.no_augment,
         version=args.version,
         progress=not args.quiet,

@@ -4,7 +4,7 @@ Layout (SPEC §6)::
 
     model.json          Keras architecture (``model.to_json()``)
     weights.npz         every weight in float16, keys w0000, w0001, … in ``model.weights`` order
-    metadata.json       version, image size, preprocessing, threshold + rule, temperature,
+    metadata.json       version, image size, preprocessing, threshold + rule, calibration,
                         data summary and split, metrics per phase, seed, library versions,
                         and ``files``: the SHA-256 of every model file
     plots/*.png         training curves, ROC, PR, confusion matrix, calibration
@@ -70,7 +70,14 @@ class BundleInfo:
 
     @property
     def temperature(self) -> float:
-        return float(self.metadata.get("calibration", {}).get("temperature", 1.0))
+        return self.calibration[0]
+
+    @property
+    def calibration(self) -> tuple[float, float]:
+        """(temperature, bias) of ``sigmoid(logit(p) / T + b)``; bias 0 is plain temperature
+        scaling."""
+        c = self.metadata.get("calibration", {})
+        return float(c.get("temperature", 1.0)), float(c.get("bias", 0.0))
 
     @property
     def sha256(self) -> str:

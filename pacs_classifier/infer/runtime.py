@@ -47,11 +47,11 @@ class Predictor(Protocol):
         ...
 
 
-def calibrate(raw: npt.ArrayLike, temperature: float) -> npt.NDArray[np.float64]:
-    """Temperature scaling: ``sigmoid(logit(p) / T)``."""
+def calibrate(raw: npt.ArrayLike, temperature: float, bias: float = 0.0) -> npt.NDArray[np.float64]:
+    """``sigmoid(logit(p) / T + b)``: temperature scaling, with an optional bias (Platt)."""
     p = np.clip(np.asarray(raw, dtype=np.float64), _EPS, 1 - _EPS)
     logits = np.log(p) - np.log1p(-p)
-    return 1.0 / (1.0 + np.exp(-logits / temperature))
+    return 1.0 / (1.0 + np.exp(-(logits / temperature + bias)))
 
 
 def default_threads() -> int:
@@ -105,7 +105,7 @@ class KerasPredictor:
         return _fit_output(self._fn(x), x.shape[0])
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        return calibrate(self.raw_predict(batch), self.info.temperature)
+        return calibrate(self.raw_predict(batch), *self.info.calibration)
 
 
 def read_verified(path: Path, expected_sha256: str) -> bytes:
@@ -160,7 +160,7 @@ class OnnxPredictor:
         return _fit_output(self._session.run(None, {self._input: x})[0], x.shape[0])
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        return calibrate(self.raw_predict(batch), self.info.temperature)
+        return calibrate(self.raw_predict(batch), *self.info.calibration)
 
 
 class TfliteInt8Predictor:
@@ -201,7 +201,7 @@ class TfliteInt8Predictor:
         return _fit_output(self._interp.get_tensor(self._output), n)
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        return calibrate(self.raw_predict(batch), self.info.temperature)
+        return calibrate(self.raw_predict(batch), *self.info.calibration)
 
 
 _EXPORTED_CLASSES: dict[str, type[OnnxPredictor] | type[TfliteInt8Predictor]] = {
@@ -271,8 +271,11 @@ def load_predictor(
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
     if runtime not in RUNTIMES:
         raise ModelError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    if not math.isfinite(info.temperature) or info.temperature <= 0:
-        raise ModelError(f"{info.path}: bad calibration temperature {info.temperature!r}")
+    temperature, bias = info.calibration
+    if not math.isfinite(temperature) or temperature <= 0 or not math.isfinite(bias):
+        raise ModelError(
+            f"{info.path}: bad calibration (temperature {temperature!r}, bias {bias!r})"
+        )
     if runtime == "auto":
         runtime = auto_choice(read_runtimes(info))
         if runtime != "keras":

@@ -155,6 +155,27 @@ def fit_temperature(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     return float(res.x)
 
 
+def fit_platt(y: npt.ArrayLike, p: npt.ArrayLike) -> tuple[float, float]:
+    """Temperature T and bias b minimising the log-loss of ``sigmoid(logit(p) / T + b)``.
+
+    Temperature alone cannot move the intercept that class weighting shifts; the bias can.
+    """
+    from scipy.optimize import minimize
+
+    y_arr = np.asarray(y, dtype=np.float64)
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    logits = np.log(q) - np.log1p(-q)
+
+    def nll(params: npt.NDArray[np.float64]) -> float:
+        z = logits / params[0] + params[1]
+        return float(np.mean(np.logaddexp(0, -z) * y_arr + np.logaddexp(0, z) * (1 - y_arr)))
+
+    res = minimize(
+        nll, x0=np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[(0.05, 20.0), (-20.0, 20.0)]
+    )
+    return float(res.x[0]), float(res.x[1])
+
+
 def curve_points(y: npt.ArrayLike, p: npt.ArrayLike) -> dict[str, FloatArray]:
     """ROC (fpr, tpr) and precision-recall points over every distinct threshold."""
     y_arr = np.asarray(y).astype(bool)

@@ -10,7 +10,7 @@ Phase 2 unfreezes the base (all, or from ``--unfreeze-from``) and fine-tunes end
 a much lower learning rate with light augmentation, BatchNorm in inference mode, early
 stopping, checkpointing and learning-rate reduction on validation AUC.
 
-Everything chosen — base cut, checkpoint, temperature, threshold — is chosen on the
+Everything chosen — base cut, checkpoint, calibration, threshold — is chosen on the
 patient-level validation split only. The weights are rounded to float16 (as stored in the
 bundle) *before* validation predictions are made, so the recorded numbers are those of the
 served model.
@@ -75,6 +75,7 @@ class TrainOptions:
     lr_finetune: float = 1e-5
     dropout: float = 0.3
     target_sensitivity: float = 0.97
+    calibration: str = "temperature"
     augment: bool = True
     patience: int = 3
     version: str | None = None
@@ -138,19 +139,17 @@ def train(opts: TrainOptions) -> TrainResult:
     # ---- calibrate and choose the threshold on the model as it will be stored
     _round_to_float16(model)
     p_val_raw = _predict(model, x_val, opts.batch_size)
-    temperature = mt.fit_temperature(y_val, p_val_raw)
-    from pacs_classifier.infer.runtime import calibrate
-
-    p_val = calibrate(p_val_raw, temperature)
-    threshold = mt.threshold_for_sensitivity(y_val, p_val, opts.target_sensitivity)
-    final = mt.point_metrics(y_val, p_val, threshold)
-    final["ci95"] = mt.bootstrap_intervals(y_val, p_val, threshold, seed=opts.seed)
+    point = fit_operating_point(
+        y_val, p_val_raw, opts.calibration, opts.target_sensitivity, seed=opts.seed
+    )
+    p_val, final = point.p_val, point.metrics
     log.info(
-        "phase 2: validation AUC %.4f, sensitivity %.3f, specificity %.3f at %.3f",
+        "phase 2: validation AUC %.4f, sensitivity %.3f, specificity %.3f at %.3f (ECE %.3f)",
         final["auc"],
         final["sensitivity"],
         final["specificity"],
-        threshold,
+        point.threshold["value"],
+        final["ece"],
     )
 
     created = datetime.now(UTC)
@@ -171,17 +170,8 @@ def train(opts: TrainOptions) -> TrainResult:
             "resize": "aspect-preserving, centred, padded with black",
             "base_input_range": opts.base_input_range,
         },
-        "threshold": {
-            "value": threshold,
-            "rule": THRESHOLD_RULE.format(target=opts.target_sensitivity),
-            "chosen_on": "validation (patient-level split)",
-            "applies_to": "calibrated probability",
-        },
-        "calibration": {
-            "method": "temperature scaling",
-            "temperature": temperature,
-            "fitted_on": "validation (patient-level split)",
-        },
+        "threshold": point.threshold,
+        "calibration": point.calibration,
         "architecture": {
             "base": "InceptionV3",
             "base_cut": chosen_cut,
@@ -218,6 +208,68 @@ def train(opts: TrainOptions) -> TrainResult:
     write_training_plots(opts.out / "plots", metadata, y_val, p_val)
     write_metadata(opts.out, metadata)  # plots do not change the model files' checksums
     return TrainResult(opts.out, version, metadata["metrics"])
+
+
+CALIBRATIONS = ("temperature", "platt")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Calibration and threshold fitted on validation, with the metrics they give there."""
+
+    calibration: dict[str, Any]
+    threshold: dict[str, Any]
+    metrics: dict[str, Any]
+    p_val: npt.NDArray[np.float64]
+
+
+def fit_operating_point(
+    y_val: npt.ArrayLike,
+    p_val_raw: npt.ArrayLike,
+    method: str,
+    target_sensitivity: float,
+    *,
+    seed: int = 0,
+) -> OperatingPoint:
+    """Fit the calibration, then the threshold rule, on validation predictions.
+
+    ``temperature``: ``sigmoid(logit / T)``; ``platt``: ``sigmoid(logit / T + b)``, which
+    can also undo the shift of the intercept that class weighting causes.
+    """
+    from pacs_classifier.infer.runtime import calibrate
+
+    if method not in CALIBRATIONS:
+        raise PermanentError(
+            f"calibration must be one of {', '.join(CALIBRATIONS)}, received {method!r}"
+        )
+    if method == "platt":
+        temperature, bias = mt.fit_platt(y_val, p_val_raw)
+    else:
+        temperature, bias = mt.fit_temperature(y_val, p_val_raw), 0.0
+    p_val = calibrate(p_val_raw, temperature, bias)
+    threshold = mt.threshold_for_sensitivity(y_val, p_val, target_sensitivity)
+    final = mt.point_metrics(y_val, p_val, threshold)
+    final["ci95"] = mt.bootstrap_intervals(y_val, p_val, threshold, seed=seed)
+    final["ece_uncalibrated"] = mt.expected_calibration_error(y_val, p_val_raw)
+    return OperatingPoint(
+        calibration={
+            "method": "temperature scaling"
+            if method == "temperature"
+            else "Platt scaling (temperature and bias)",
+            "temperature": temperature,
+            "bias": bias,
+            "fitted_on": "validation (patient-level split)",
+        },
+        threshold={
+            "value": threshold,
+            "rule": THRESHOLD_RULE.format(target=target_sensitivity),
+            "target_sensitivity": target_sensitivity,
+            "chosen_on": "validation (patient-level split)",
+            "applies_to": "calibrated probability",
+        },
+        metrics=final,
+        p_val=p_val,
+    )
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -475,4 +527,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-__all__ = ["BASE_NAME", "TrainOptions", "TrainResult", "train"]
+__all__ = [
+    "BASE_NAME",
+    "OperatingPoint",
+    "TrainOptions",
+    "TrainResult",
+    "fit_operating_point",
+    "train",
+]
