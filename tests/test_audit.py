@@ -251,7 +251,7 @@ def test_rewriting_the_last_row_with_a_fresh_hash_is_caught(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Recomputing the edited row's own hash does not help: the tip remembers the old one."""
-    from pacs_classifier.db.audit import canonical_content, chain_hash
+    from pacs_classifier.db.audit import event_hash
 
     _seed(db_url, 3)
     db = Database(db_url)
@@ -259,19 +259,7 @@ def test_rewriting_the_last_row_with_a_fresh_hash_is_caught(
         with db.session() as session:
             ev = session.execute(select(AuditEvent).where(AuditEvent.id == 3)).scalar_one()
             ev.outcome = "denied"
-            ev.hash = chain_hash(
-                ev.prev_hash,
-                canonical_content(
-                    ev.id,
-                    ev.occurred_at,
-                    ev.actor,
-                    ev.action,
-                    ev.entity_type,
-                    ev.entity_id,
-                    ev.outcome,
-                    ev.detail,
-                ),
-            )
+            ev.hash = event_hash(ev)
     finally:
         db.dispose()
     rc, line = _cli_verify(db_url, tmp_path, capsys)

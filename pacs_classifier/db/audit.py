@@ -160,7 +160,7 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainReport:
             return ChainReport(
                 False, ev.id - 1, ev.id, f"prev_hash does not match the hash of event {ev.id - 1}"
             )
-        if _recompute(ev) != ev.hash:
+        if event_hash(ev) != ev.hash:
             return ChainReport(False, ev.id - 1, ev.id, "content does not match its hash")
         expected_prev = ev.hash
         expected_id += 1
@@ -179,7 +179,8 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainReport:
     return ChainReport(True, count)
 
 
-def _recompute(ev: AuditEvent) -> str:
+def event_hash(ev: AuditEvent) -> str:
+    """The hash a stored event should carry, from its content and ``prev_hash``."""
     return chain_hash(
         ev.prev_hash,
         canonical_content(
