@@ -255,7 +255,7 @@ def run_summary(session: Session, run_id: int) -> RunSummary:
 
 def run_finished(db: Database, run_id: int) -> bool:
     """True once the run is no longer running."""
-    with db.session() as session:
+    with db.read_session() as session:
         state = session.scalar(
             select(ReclassificationRun.state).where(ReclassificationRun.id == run_id)
         )

@@ -29,7 +29,7 @@ def run_verify(args: argparse.Namespace) -> int:
     app = load_app(args)
     try:
         db = app.checked_db()
-        with db.session() as session:
+        with db.read_session() as session:
             report = verify_chain(session)
     finally:
         app.close()

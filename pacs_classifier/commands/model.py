@@ -63,7 +63,7 @@ def run_list(args: argparse.Namespace) -> int:
 
     app = load_app(args)
     try:
-        with app.checked_db().session() as session:
+        with app.checked_db().read_session() as session:
             rows = list_models(session)
             lines = [
                 (

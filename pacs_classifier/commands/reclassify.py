@@ -57,7 +57,7 @@ def run_reclassify(args: argparse.Namespace) -> int:
 
         if not run_finished(db, run_id):
             Worker(db, app.config, run_id=run_id).drain(until=finished)
-        with db.session() as session:
+        with db.read_session() as session:
             s = run_summary(session, run_id)
     finally:
         app.close()

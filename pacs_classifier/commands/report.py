@@ -46,7 +46,7 @@ def run_report(args: argparse.Namespace) -> int:
     app = load_app(args)
     try:
         db = app.checked_db()
-        with db.session() as session:
+        with db.read_session() as session:
             result = queries.run(
                 session, report, since=args.since, until=args.until, study=args.study
             )

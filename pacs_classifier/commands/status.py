@@ -60,7 +60,7 @@ def run_status(args: argparse.Namespace) -> int:
     app = load_app(args)
     try:
         db = app.checked_db()
-        with db.session() as session:
+        with db.read_session() as session:
             status = read_status(session)
     finally:
         app.close()

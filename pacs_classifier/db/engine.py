@@ -23,6 +23,8 @@ from pacs_classifier.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Execution option that marks a read-only unit of work (see Database.read_session).
+READ_ONLY_OPTION = "pacs_read_only"
 
 
 def make_engine(url: str, *, connect_timeout_s: int = 5, pool_size: int = 5) -> Engine:
@@ -57,7 +59,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A reader (Database.read_session) must not take the write lock: with WAL it reads
+        # a snapshot beside the writers instead of queueing behind them.
+        read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def is_postgres(engine: Engine) -> bool:
@@ -71,6 +76,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url, connect_timeout_s=connect_timeout_s)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
+        )
 
     @property
     def dialect(self) -> str:
@@ -82,9 +90,24 @@ class Database:
 
         Connection-level failures are raised as :class:`DatabaseUnavailable`.
         """
+        with self._translate_errors(), self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A unit of work that only reads (status, reports, polling, audit verify).
+
+        On SQLite it starts with a plain ``BEGIN`` instead of ``BEGIN IMMEDIATE``, so it
+        neither waits for nor blocks the listener's and workers' writes. On PostgreSQL it
+        is the same as :meth:`session`.
+        """
+        with self._translate_errors(), self._read_sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
         try:
-            with self._sessions() as session, session.begin():
-                yield session
+            yield
         except OperationalError as exc:
             raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
         except DBAPIError as exc:

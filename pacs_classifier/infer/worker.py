@@ -183,7 +183,7 @@ class Worker:
 
     def current_model(self) -> tuple[ModelRef, str] | None:
         """The active model (and its bundle path), or None when none is active."""
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             row = active_model(session)
             if row is None:
                 return None
