@@ -167,6 +167,14 @@ class FileLayout:
     file_size: int
 
 
+@dataclass(frozen=True)
+class StreamDigest:
+    """The data set's SHA-256, taken as the file was written (``receive.transport``)."""
+
+    layout: FileLayout
+    sha256: str
+
+
 def part10_layout(buf: Any) -> FileLayout:
     """Find the data set after the preamble and the file meta group (PS3.10 §7.1)."""
     if len(buf) < 144 or bytes(buf[128:132]) != b"DICM":
@@ -186,12 +194,18 @@ def _text(ds: Any, keyword: str, limit: int) -> str | None:
 
 
 def inspect_received(
-    path: Path, transfer_syntax: str, expected_sop_class: str
+    path: Path,
+    transfer_syntax: str,
+    expected_sop_class: str,
+    *,
+    digest: StreamDigest | None = None,
 ) -> tuple[InstanceMeta, list[str]]:
     """Validate the received Part 10 file at ``path`` and describe it.
 
     Returns the instance's metadata (with the SHA-256 of the data set as received,
     without the file meta) and the names of UIDs that carry a leading zero.
+    ``digest``, taken while the file was written, saves reading it all again; it is used
+    only if it describes the same layout as the file now has.
     Raises :class:`CannotUnderstand` or :class:`SOPClassMismatch`.
     """
     with path.open("rb") as f:
@@ -203,7 +217,10 @@ def inspect_received(
             view = memoryview(mm)
             try:
                 body = view[layout.dataset_offset :]
-                sha256 = hashlib.sha256(body).hexdigest()
+                if digest is not None and digest.layout == layout:
+                    sha256 = digest.sha256
+                else:
+                    sha256 = hashlib.sha256(body).hexdigest()
                 _check_encoded(body, transfer_syntax)
             finally:
                 body.release()

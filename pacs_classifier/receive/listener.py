@@ -7,11 +7,11 @@ gets A-ASSOCIATE-RJ "calling AE title not recognised"; accepted and rejected
 associations are audited with the peer address.
 
 The C-STORE handler only checks and stores: pynetdicom streams the data set into a
-temporary file in ``<storage.root>/.tmp`` (``STORE_RECV_CHUNKED_DATASET``), the handler
-walks its element headers, hashes it, fsyncs it and hands it to
-:class:`~pacs_classifier.store.ingest.Ingestor`, which renames it into place and commits
-the row, the job and the audit event in one transaction. Success is answered only after
-that commit. No pixel data is decoded here.
+temporary file in ``<storage.root>/.tmp`` (hashed and handed to the disk as the fragments
+arrive, see :mod:`pacs_classifier.receive.transport`), the handler walks its element
+headers, fsyncs it and hands it to :class:`~pacs_classifier.store.ingest.Ingestor`, which
+renames it into place and commits the row, the job and the audit event in one
+transaction. Success is answered only after that commit. No pixel data is decoded here.
 
 Crashes: the rename into the final name is announced by an intent marker in
 ``<storage.root>/.pending``, dropped once the commit is settled. At start-up, before the
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import uid as dicom_uid
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, evt
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_classifier.config import ENV_TLS_PASSPHRASE, Config, ListenerConfig
@@ -49,8 +48,9 @@ from pacs_classifier.db.engine import Database
 from pacs_classifier.errors import ConfigError, DatabaseUnavailable, StorageFull
 from pacs_classifier.receive import statuses
 from pacs_classifier.receive.inspect import CannotUnderstand, SOPClassMismatch, inspect_received
+from pacs_classifier.receive.transport import configure_pynetdicom, received_file
 from pacs_classifier.store.ingest import ENTITY_INSTANCE, Ingestor
-from pacs_classifier.store.storage import TMP_PREFIX, InvalidUID, Storage
+from pacs_classifier.store.storage import InvalidUID, Storage
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +91,6 @@ class _ListenerAE(AE):
     """An AE that knows where its received data sets are buffered."""
 
     receive_dir: Path | None = None
-
-
-def _receive_temp_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's temporary file for a chunked C-STORE, created in our ``.tmp`` folder.
-
-    pynetdicom opens it from the association's DUL thread; routing it to the AE's
-    storage folder keeps the final rename on one file system and lets a restart find
-    and delete what a crash left behind.
-    """
-    thread = threading.current_thread()
-    assoc = getattr(thread, "assoc", thread)
-    receive_dir = getattr(getattr(assoc, "ae", None), "receive_dir", None)
-    if receive_dir is not None:
-        kwargs.setdefault("dir", receive_dir)
-        kwargs.setdefault("prefix", TMP_PREFIX)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
-
-
-def configure_pynetdicom() -> None:
-    """Receive data sets into files, not memory (process-wide pynetdicom settings)."""
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom names NamedTemporaryFile in its module; its default folder would be
-    # the system's, another file system perhaps, and never cleaned after a crash.
-    setattr(dimse_messages, "NamedTemporaryFile", _receive_temp_file)  # noqa: B010
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -264,7 +240,13 @@ def _store(event: Any, ctx: HandlerContext) -> int:
                 f"Affected SOP Class UID {req.AffectedSOPClassUID} is not the presentation "
                 f"context's {context.abstract_syntax}"
             )
-        meta, warnings = inspect_received(tmp, context.transfer_syntax, context.abstract_syntax)
+        received = received_file(tmp)
+        meta, warnings = inspect_received(
+            tmp,
+            context.transfer_syntax,
+            context.abstract_syntax,
+            digest=received.digest() if received is not None else None,
+        )
         if meta.sop_instance_uid != rq_sop_uid.rstrip("\x00").strip():
             raise CannotUnderstand(
                 f"SOPInstanceUID {meta.sop_instance_uid} differs from the request's "

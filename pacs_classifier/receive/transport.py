@@ -1,0 +1,229 @@
+"""How the listener's pynetdicom receives: fewer copies, hashed and written back as it goes.
+
+Three process-wide settings, made by :func:`configure_pynetdicom` before the listener binds
+its port (measured in ``docs/benchmarks.md``, "Ingest: where a C-STORE's time goes"):
+
+- ``STORE_RECV_CHUNKED_DATASET``: a data set is streamed into a file, never held whole in
+  memory.
+- That file is a :class:`ReceiveFile` in ``<storage.root>/.tmp`` rather than
+  pynetdicom's ``NamedTemporaryFile`` in the system's temporary folder: the final rename
+  stays on one file system, a restart finds and deletes what a crash left, the data set is
+  SHA-256 hashed while it arrives (the handler need not read 8 MB back), and its pages are
+  handed to the disk every :data:`WRITEBACK_BYTES` (``sync_file_range``), so the fsync
+  before Success waits for the tail only.
+- ``AssociationSocket.recv`` reads a PDU with ``recv_into`` in as few system calls as the
+  kernel allows. pynetdicom 3.0 reads 4 KiB per call into a growing ``bytearray``: about
+  2,000 calls and as many Python loop turns per 8 MB instance.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, cast
+
+from pynetdicom import _config, dimse_messages
+from pynetdicom.transport import AssociationSocket
+
+from pacs_classifier.receive.inspect import FileLayout, StreamDigest
+from pacs_classifier.store.storage import TMP_PREFIX
+
+log = logging.getLogger(__name__)
+
+#: Start the disk write of every this many received bytes (``sync_file_range``).
+WRITEBACK_BYTES = 1 << 20
+#: A PDU's buffer is allocated up to this size at once, beyond it as the bytes arrive:
+#: a peer's PDU length field (up to 4 GiB) is not trusted with an allocation.
+_RECV_PREALLOCATE = 4 << 20
+
+# PS3.10 §7.1: 128-byte preamble, "DICM", then (0002,0000) UL with the meta group length.
+_PREAMBLE = 128
+_META_GROUP_LENGTH = struct.Struct("<HH2sHI")
+_META_HEAD = _PREAMBLE + 4 + _META_GROUP_LENGTH.size
+#: Larger than any real file meta; a header claiming more is not waited for.
+_MAX_META_LENGTH = 1 << 16
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Any:
+    """glibc's ``sync_file_range(2)``, or ``None`` where there is none (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class ReceiveFile:
+    """One C-STORE's data set as pynetdicom writes it: unbuffered, hashed, written back.
+
+    pynetdicom writes the preamble, ``DICM`` and the file meta first, then each P-DATA
+    fragment of the data set, calling ``write`` and ``file.flush``. The SHA-256 covers the
+    bytes after the file meta (the meta differs by receiver; see
+    :class:`~pacs_classifier.store.ingest.InstanceMeta`); :attr:`dataset_offset` says where
+    that is, read from the meta group length as the bytes went by. If they do not look
+    like a Part 10 header, no digest is kept and the handler hashes the file itself.
+    """
+
+    def __init__(self, directory: str | None, prefix: str, suffix: str) -> None:
+        fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
+        self.name = name
+        self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
+        self._fd: int | None = fd
+        self._size = 0
+        self._submitted = 0
+        self._head = bytearray()
+        self._hash = hashlib.sha256()
+        #: Where the data set starts; ``None`` until known, ``-1`` if it cannot be told.
+        self.dataset_offset: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def digest(self) -> StreamDigest | None:
+        """SHA-256 of the bytes after the file meta, if the header was understood."""
+        if self.dataset_offset is None or self.dataset_offset < 0:
+            return None
+        return StreamDigest(FileLayout(self.dataset_offset, self._size), self._hash.hexdigest())
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._fd is None:
+            raise ValueError("write to a closed receive file")
+        view = memoryview(data).cast("B")
+        total = len(view)
+        done = 0
+        while done < total:
+            done += os.write(self._fd, view[done:])
+        self._hash_bytes(view)
+        self._size += total
+        if _sync_file_range is not None and self._size - self._submitted >= WRITEBACK_BYTES:
+            # Asynchronous: starts the write of the dirty pages and returns.
+            _sync_file_range(
+                self._fd, self._submitted, self._size - self._submitted, _SYNC_FILE_RANGE_WRITE
+            )
+            self._submitted = self._size
+        return total
+
+    def _hash_bytes(self, view: memoryview) -> None:
+        offset = self.dataset_offset
+        if offset is not None:
+            if offset >= 0:
+                self._hash.update(view)
+            return
+        self._head += view
+        if len(self._head) < _META_HEAD:
+            return
+        offset = _dataset_offset(self._head)
+        if offset < 0:
+            self.dataset_offset = -1
+            self._head = bytearray()
+        elif len(self._head) >= offset:
+            self.dataset_offset = offset
+            self._hash.update(memoryview(self._head)[offset:])
+            self._head = bytearray()
+        # else the meta is still arriving: the next write completes it.
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _dataset_offset(head: bytes | bytearray) -> int:
+    """Offset of the data set after a Part 10 file meta, or -1 if ``head`` is not one."""
+    if head[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
+        return -1
+    group, element, vr, _length, value = _META_GROUP_LENGTH.unpack_from(head, _PREAMBLE + 4)
+    if (group, element, vr) != (0x0002, 0x0000, b"UL"):
+        return -1
+    if value > _MAX_META_LENGTH:
+        return -1
+    return _META_HEAD + int(value)
+
+
+#: The receive files of data sets not yet handled, by path: the handler finds its digest
+#: here. Weak: an entry goes when pynetdicom drops the file (handled or aborted).
+_RECEIVING: weakref.WeakValueDictionary[str, ReceiveFile] = weakref.WeakValueDictionary()
+_RECEIVING_LOCK = threading.Lock()
+
+
+def received_file(path: Path | str) -> ReceiveFile | None:
+    """The :class:`ReceiveFile` that wrote ``path``, while pynetdicom still holds it."""
+    with _RECEIVING_LOCK:
+        return _RECEIVING.get(str(path))
+
+
+def _receive_temp_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's temporary file for a chunked C-STORE, created in our ``.tmp`` folder.
+
+    pynetdicom opens it from the association's DUL thread; routing it to the AE's
+    storage folder keeps the final rename on one file system and lets a restart find
+    and delete what a crash left behind. An AE without a ``receive_dir`` (a client's,
+    in the same process) gets pynetdicom's usual file.
+    """
+    thread = threading.current_thread()
+    assoc = getattr(thread, "assoc", thread)
+    receive_dir = getattr(getattr(assoc, "ae", None), "receive_dir", None)
+    if receive_dir is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    received = ReceiveFile(str(receive_dir), TMP_PREFIX, kwargs.get("suffix", ""))
+    with _RECEIVING_LOCK:
+        _RECEIVING[received.name] = received
+    return received
+
+
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv``: read ``nr_bytes``, or fewer if the peer closes first.
+
+    Same contract as pynetdicom's: socket errors propagate to the DUL, which treats them
+    as a closed connection.
+    """
+    sock = cast(Any, self.socket)
+    buf = bytearray(min(nr_bytes, _RECV_PREALLOCATE))
+    view = memoryview(buf)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            if nr_read == len(buf):
+                view.release()
+                buf.extend(bytes(min(nr_bytes - nr_read, _RECV_PREALLOCATE)))
+                view = memoryview(buf)
+            got = sock.recv_into(view[nr_read:])
+            if not got:
+                break
+            nr_read += got
+    finally:
+        view.release()
+    del buf[nr_read:]
+    return buf
+
+
+def configure_pynetdicom() -> None:
+    """Apply the module's settings (process-wide, idempotent)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom names NamedTemporaryFile in its module; its default folder would be
+    # the system's, another file system perhaps, and never cleaned after a crash.
+    setattr(dimse_messages, "NamedTemporaryFile", _receive_temp_file)  # noqa: B010
+    setattr(AssociationSocket, "recv", _recv)  # noqa: B010

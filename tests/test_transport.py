@@ -1,0 +1,180 @@
+"""The listener's receive path: ReceiveFile, the socket reader, and their use by a real SCP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import threading
+import types
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom.transport import AssociationSocket
+from test_listener import (
+    assert_all_stored,
+    make_config,
+    running,
+    send,
+    small_instance,
+)
+
+from pacs_classifier.receive import inspect as inspect_module
+from pacs_classifier.receive import statuses, transport
+from pacs_classifier.receive.inspect import FileLayout, StreamDigest, inspect_received
+from pacs_classifier.receive.transport import ReceiveFile
+
+
+def file_meta_bytes() -> bytes:
+    """Preamble, DICM and a file meta group, as pynetdicom writes them (three writes)."""
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    fm.MediaStorageSOPInstanceUID = generate_uid()
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    write_file_meta_info(buf, fm)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def write_like_pynetdicom(rf: ReceiveFile, meta: bytes, body: bytes, fragment: int) -> None:
+    rf.write(b"\x00" * 128)
+    rf.write(b"DICM")
+    rf.write(meta)
+    for start in range(0, len(body), fragment):
+        rf.write(body[start : start + fragment])
+        rf.file.flush()
+
+
+@pytest.mark.parametrize("fragment", [1, 7, 4096, 1 << 20])
+def test_receive_file_hashes_the_data_set_as_written(tmp_path: Path, fragment: int) -> None:
+    meta = file_meta_bytes()
+    body = bytes(range(256)) * 9000  # 2.3 MB: crosses the write-back step twice
+    rf = ReceiveFile(str(tmp_path), "rx-", ".dcm")
+    write_like_pynetdicom(rf, meta, body if fragment > 1 else body[:5000], fragment)
+    rf.close()
+    data = Path(rf.name).read_bytes()
+    expected_body = body if fragment > 1 else body[:5000]
+    assert data == b"\x00" * 128 + b"DICM" + meta + expected_body
+    digest = rf.digest()
+    assert digest == StreamDigest(
+        FileLayout(132 + len(meta), len(data)), hashlib.sha256(expected_body).hexdigest()
+    )
+    assert Path(rf.name).parent == tmp_path and Path(rf.name).name.startswith("rx-")
+
+
+def test_receive_file_meta_split_over_many_writes(tmp_path: Path) -> None:
+    """The header may arrive a byte at a time; the offset is read once it is complete."""
+    whole = b"\x00" * 128 + b"DICM" + file_meta_bytes()
+    body = b"dataset bytes" * 100
+    rf = ReceiveFile(str(tmp_path), "rx-", ".dcm")
+    for i in range(len(whole)):
+        rf.write(whole[i : i + 1])
+    rf.write(body)
+    rf.close()
+    digest = rf.digest()
+    assert digest is not None
+    assert digest.layout.dataset_offset == len(whole)
+    assert digest.sha256 == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"\x00" * 128 + b"DICX" + b"\x02\x00\x00\x00UL\x04\x00\x10\x00\x00\x00",
+        b"\x00" * 128 + b"DICM" + b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00",
+        b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\xff\xff\xff\x7f",
+    ],
+    ids=["no-DICM", "no-group-length", "absurd-group-length"],
+)
+def test_receive_file_without_a_part10_header_keeps_no_digest(tmp_path: Path, head: bytes) -> None:
+    rf = ReceiveFile(str(tmp_path), "rx-", ".dcm")
+    rf.write(head + b"x" * 1000)
+    rf.close()
+    assert rf.digest() is None
+    assert Path(rf.name).read_bytes() == head + b"x" * 1000
+
+
+def test_inspect_trusts_a_stream_digest_only_for_the_same_layout(tmp_path: Path) -> None:
+    ds = small_instance()
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    real, _ = inspect_received(path, ExplicitVRLittleEndian, ComputedRadiographyImageStorage)
+    data = path.read_bytes()
+    offset = 144 + int.from_bytes(data[140:144], "little")
+    assert real.sha256 == hashlib.sha256(data[offset:]).hexdigest()
+
+    same = StreamDigest(FileLayout(offset, len(data)), "f" * 64)
+    meta, _ = inspect_received(
+        path, ExplicitVRLittleEndian, ComputedRadiographyImageStorage, digest=same
+    )
+    assert meta.sha256 == "f" * 64
+    # A file that changed size since (or a digest of another file) is not trusted.
+    other = StreamDigest(FileLayout(offset, len(data) - 1), "f" * 64)
+    meta, _ = inspect_received(
+        path, ExplicitVRLittleEndian, ComputedRadiographyImageStorage, digest=other
+    )
+    assert meta.sha256 == real.sha256
+
+
+def reader(sock: socket.socket) -> AssociationSocket:
+    wrapper = AssociationSocket.__new__(AssociationSocket)
+    wrapper.socket = sock
+    return wrapper
+
+
+def test_recv_reads_exactly_what_is_asked_across_many_segments() -> None:
+    a, b = socket.socketpair()
+    payload = bytes(range(256)) * 4000
+
+    def send_in_pieces() -> None:
+        for i in range(0, len(payload), 999):
+            b.sendall(payload[i : i + 999])
+
+    sender = threading.Thread(target=send_in_pieces)
+    sender.start()
+    try:
+        first = transport._recv(reader(a), 6)
+        rest = transport._recv(reader(a), len(payload) - 6)
+    finally:
+        sender.join()
+        a.close()
+        b.close()
+    assert isinstance(first, bytearray) and isinstance(rest, bytearray)
+    assert bytes(first + rest) == payload
+
+
+def test_recv_grows_past_the_preallocation_and_returns_short_on_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport, "_RECV_PREALLOCATE", 1000)
+    a, b = socket.socketpair()
+    payload = b"abcdefgh" * 700  # 5,600 bytes: grows the buffer five times
+    b.sendall(payload)
+    b.close()
+    try:
+        got = transport._recv(reader(a), 10_000)  # the peer promised more than it sent
+    finally:
+        a.close()
+    assert bytes(got) == payload
+
+
+def test_listener_stores_with_the_stream_digest(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler does not hash the file again: with hashing taken away from the
+    inspection, a real association still stores every instance with the right SHA-256."""
+
+    def no_hashing(*_args: object) -> object:
+        raise AssertionError("the received file was hashed again")
+
+    monkeypatch.setattr(inspect_module, "hashlib", types.SimpleNamespace(sha256=no_hashing))
+    config = make_config(tmp_path, sqlite_url)
+    items = [small_instance(seed=i) for i in range(5)]
+    with running(config) as (app, listener):
+        assert send(listener.address[1], items) == [statuses.SUCCESS] * 5
+        assert_all_stored(
+            app.db, config.path(config.storage.root), {str(d.SOPInstanceUID) for d in items}
+        )
