@@ -26,6 +26,17 @@ def test_read_session_reads_beside_an_open_write_transaction(sqlite_url: str) ->
         reader.dispose()
 
 
+def test_sqlite_commits_are_durable(sqlite_url: str) -> None:
+    """WAL with synchronous=FULL: a commit is on disk before the C-STORE's Success."""
+    db = Database(sqlite_url)
+    try:
+        with db.read_session() as s:
+            assert s.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+            assert s.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
+    finally:
+        db.dispose()
+
+
 def test_read_session_works_on_both_databases(
     database: Database,
 ) -> None:
