@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -367,6 +368,54 @@ def test_unknown_commit_outcome_keeps_file_and_marker_for_recovery(
     with database.session() as s:
         actions = s.execute(select(AuditEvent.action)).scalars().all()
     assert actions == ["store"]  # a committed file is not a recovery
+
+
+def test_failed_commit_does_not_remove_a_concurrent_identical_instance(
+    storage: Storage, database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's row is refused after its rename; B stores the identical data set meanwhile.
+
+    Both rename to the same final path. A's clean-up holds the ingest lock from its
+    "no row" check to its unlink, so B waits and renames afterwards: B's committed row
+    keeps its file. Without the lock B fits in that window and loses the file.
+    """
+    ds = make_dataset()
+    raw = encode(ds)
+    tmp_a, tmp_b = storage.write_temp(raw), storage.write_temp(raw)
+    meta, _ = inspect_received(tmp_a, ExplicitVRLittleEndian, ds.SOPClassUID)
+    a, b = Ingestor(database, storage), Ingestor(database, storage)
+
+    def refuse_row(*_args: Any, **_kwargs: Any) -> IngestResult:
+        raise DatabaseUnavailable("database unavailable: refused by test")
+
+    monkeypatch.setattr(a, "_record_new", refuse_row)
+    b_results: list[IngestResult] = []
+    real_remove = storage.remove_final
+
+    def remove_while_b_tries(final: Path) -> None:
+        b_thread = threading.Thread(
+            target=lambda: b_results.append(b.ingest(tmp_b, meta, actor="b", calling_ae="B"))
+        )
+        b_thread.start()
+        b_thread.join(timeout=2)  # B blocks on the lock until A's clean-up commits
+        real_remove(final)
+        removals.append(b_thread)
+
+    removals: list[threading.Thread] = []
+    monkeypatch.setattr(storage, "remove_final", remove_while_b_tries)
+    with pytest.raises(DatabaseUnavailable, match="refused by test"):
+        a.ingest(tmp_a, meta, actor="a", calling_ae="A")
+    (b_thread,) = removals
+    b_thread.join(timeout=60)
+    assert not b_thread.is_alive()
+    (result,) = b_results
+    assert result.outcome == IngestOutcome.STORED
+    with database.session() as s:
+        row = s.execute(select(Instance)).scalar_one()
+    data = (storage.root / row.file_path).read_bytes()
+    assert hashlib.sha256(dataset_bytes(data)).hexdigest() == row.file_sha256
+    assert list(storage.pending_dir.iterdir()) == []
+    assert list(storage.tmp_dir.iterdir()) == []
 
 
 def test_recover_pending_removes_only_unreferenced_files(

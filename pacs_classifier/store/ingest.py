@@ -10,9 +10,11 @@ No file without a row, no row without a file. Before the rename an intent marker
 the final file (:meth:`Storage.write_intent`); it is dropped once the outcome is settled:
 
 - the commit succeeds: the row references the file;
-- the commit fails: a new session checks whether the row is there anyway (on PostgreSQL
-  a COMMIT can succeed and its acknowledgement be lost with the connection). Row there:
-  the file is kept and the instance counts as stored. Row absent: the file is removed.
+- the commit fails: a new session, holding the tip lock again, checks whether the row is
+  there anyway (on PostgreSQL a COMMIT can succeed and its acknowledgement be lost with
+  the connection). Row there: the file is kept and the instance counts as stored. Row
+  absent: the file is removed before the lock is released, so an identical instance
+  arriving on another association cannot rename its file into place in between.
   The check itself fails: the file *and* the marker are kept and the error is raised
   (the sender is told to retry), for :meth:`Ingestor.recover_pending` to settle;
 - the process dies between the rename and the commit: the marker survives, and
@@ -182,10 +184,19 @@ class Ingestor:
         Returns the committed instance when the row is there (the failure was only the
         acknowledgement of the COMMIT), ``None`` when the file was removed or when the
         check itself failed (then the file and the marker are kept for recovery).
+
+        The check and the removal hold the chain's tip lock, as an ingest does from its
+        duplicate check to its commit: another association storing the identical data
+        set (same final path) cannot rename its file into place between our "no row"
+        and our unlink, which would delete a file its committed row references.
         """
         file_path = self.storage.relative(final)
         try:
-            committed = self._committed(final, meta)
+            with self.db.session() as session:
+                session.execute(select(AuditHead.id).where(AuditHead.id == 1).with_for_update())
+                committed = self._committed(session, final, meta)
+                if committed is None:
+                    self.storage.remove_final(final)
         except Exception as check_exc:  # any failure: the outcome is unknown
             log.error(
                 "ingest of %s failed (%s) and whether its row was committed cannot be "
@@ -195,9 +206,7 @@ class Ingestor:
                 check_exc,
             )
             return None
-        if committed is None:
-            self.storage.remove_final(final)
-        else:
+        if committed is not None:
             log.warning(
                 "ingest of %s reported a failure (%s) but its row was committed "
                 "(instance %d): keeping the file",
@@ -209,23 +218,20 @@ class Ingestor:
             self.storage.clear_intent(marker)
         return committed
 
-    def _committed(self, final: Path, meta: InstanceMeta) -> IngestResult | None:
-        """The committed instance whose file is ``final``, read in a new session."""
-        with self.db.session() as session:
-            row = session.execute(
-                select(Instance).where(
-                    Instance.sop_instance_uid == meta.sop_instance_uid,
-                    Instance.file_path == self.storage.relative(final),
-                    Instance.file_sha256 == meta.sha256,
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                return None
-            job_id = session.execute(
-                select(func.min(Job.id)).where(
-                    Job.instance_id == row.id, Job.kind == JobKind.CLASSIFY
-                )
-            ).scalar_one()
+    def _committed(self, session: Session, final: Path, meta: InstanceMeta) -> IngestResult | None:
+        """The committed instance whose file is ``final``."""
+        row = session.execute(
+            select(Instance).where(
+                Instance.sop_instance_uid == meta.sop_instance_uid,
+                Instance.file_path == self.storage.relative(final),
+                Instance.file_sha256 == meta.sha256,
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        job_id = session.execute(
+            select(func.min(Job.id)).where(Job.instance_id == row.id, Job.kind == JobKind.CLASSIFY)
+        ).scalar_one()
         outcome = IngestOutcome.STORED if row.version == 1 else IngestOutcome.NEW_VERSION
         return IngestResult(outcome, row.id, row.version, final, job_id)
 
