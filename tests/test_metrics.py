@@ -37,6 +37,20 @@ def test_auc_counts_ties_as_half() -> None:
     assert np.isnan(mt.roc_auc([1, 1], [0.2, 0.3]))
 
 
+def test_auc_equals_the_pairwise_definition_with_many_ties() -> None:
+    """P(score of a positive > score of a negative) + half the ties, counted pair by pair."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(2, 50))
+        y = rng.integers(0, 2, n).astype(bool)
+        p = rng.integers(0, 5, n) / 4.0  # five distinct scores: ties everywhere
+        if y.all() or not y.any():
+            continue
+        pos, neg = p[y][:, None], p[~y][None, :]
+        pairwise = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
+        assert mt.roc_auc(y, p) == pytest.approx(pairwise, abs=1e-12)
+
+
 def test_ece_by_hand() -> None:
     # bin [0.9, 1.0): mean p 0.95, frequency 0.5 -> |0.45| * 2/4; bin [0.1, 0.2): 0.1 vs 0
     ece = mt.expected_calibration_error([1, 0, 0, 0], [0.95, 0.95, 0.1, 0.1])
