@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import socket
 import threading
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import FileMetaDataset
@@ -16,6 +19,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
 from pynetdicom.transport import AssociationSocket
 from test_listener import (
     assert_all_stored,
+    audit_outcomes,
     make_config,
     running,
     send,
@@ -23,6 +27,7 @@ from test_listener import (
 )
 
 from pacs_classifier.receive import inspect as inspect_module
+from pacs_classifier.receive import listener as listener_module
 from pacs_classifier.receive import statuses, transport
 from pacs_classifier.receive.inspect import FileLayout, StreamDigest, inspect_received
 from pacs_classifier.receive.transport import ReceiveFile
@@ -178,3 +183,35 @@ def test_listener_stores_with_the_stream_digest(
         assert_all_stored(
             app.db, config.path(config.storage.root), {str(d.SOPInstanceUID) for d in items}
         )
+
+
+def test_disk_full_mid_transfer_answers_out_of_resources_and_keeps_the_association(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while the data set arrives: 0xA700, audited, nothing kept; then, with space
+    again, the next instance on the same association is stored."""
+    state = {"full": True}
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if state["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    real_refuse = listener_module._refuse
+
+    def refuse_then_free_space(*args: Any, **kwargs: Any) -> int:
+        state["full"] = False  # the operator frees space after the first refusal
+        return real_refuse(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "_os_write", write)
+    monkeypatch.setattr(listener_module, "_refuse", refuse_then_free_space)
+    config = make_config(tmp_path, sqlite_url)
+    first, second = small_instance(seed=1), small_instance(seed=2)
+    with running(config) as (app, listener):
+        statuses_seen = send(listener.address[1], [first, second])
+        assert statuses_seen == [statuses.OUT_OF_RESOURCES, statuses.SUCCESS]
+        assert_all_stored(app.db, config.path(config.storage.root), {str(second.SOPInstanceUID)})
+        refused = [d for _, outcome, d in audit_outcomes(app.db, "store") if outcome == "refused"]
+        assert [d["status"] for d in refused] == ["0xA700"]
+        assert "No space left on device" in refused[0]["reason"]

@@ -241,6 +241,8 @@ def _store(event: Any, ctx: HandlerContext) -> int:
                 f"context's {context.abstract_syntax}"
             )
         received = received_file(tmp)
+        if received is not None and received.write_error is not None:
+            raise received.write_error  # the file is incomplete: never inspect or keep it
         meta, warnings = inspect_received(
             tmp,
             context.transfer_syntax,
@@ -276,8 +278,8 @@ def _store(event: Any, ctx: HandlerContext) -> int:
         log.error("C-STORE %s from %s: %s", rq_sop_uid[:64], actor, exc)
         return statuses.OUT_OF_RESOURCES
     except OSError as exc:
-        log.error("C-STORE %s from %s: storage error: %s", rq_sop_uid[:64], actor, exc)
-        return statuses.OUT_OF_RESOURCES
+        # A full disk mid-transfer, an I/O error: the sender keeps the instance and retries.
+        return _refuse(ctx, actor, rq_sop_uid, statuses.OUT_OF_RESOURCES, f"storage error: {exc}")
     except (CannotUnderstand, InvalidUID) as exc:
         return _refuse(ctx, actor, rq_sop_uid, statuses.CANNOT_UNDERSTAND, str(exc))
     except SOPClassMismatch as exc:

@@ -67,6 +67,8 @@ def _load_sync_file_range() -> Any:
 
 
 _sync_file_range = _load_sync_file_range()
+#: ``os.write``, named here so that a test can fill the disk in the middle of a transfer.
+_os_write = os.write
 
 
 class ReceiveFile:
@@ -78,6 +80,10 @@ class ReceiveFile:
     :class:`~pacs_classifier.store.ingest.InstanceMeta`); :attr:`dataset_offset` says where
     that is, read from the meta group length as the bytes went by. If they do not look
     like a Part 10 header, no digest is kept and the handler hashes the file itself.
+
+    A failed write (a full disk, an I/O error) is kept in :attr:`write_error` rather than
+    raised into pynetdicom, which would abort the association: the rest of the data set
+    is read and dropped, and the handler answers it with a status (0xA700).
     """
 
     def __init__(self, directory: str | None, prefix: str, suffix: str) -> None:
@@ -91,6 +97,8 @@ class ReceiveFile:
         self._hash = hashlib.sha256()
         #: Where the data set starts; ``None`` until known, ``-1`` if it cannot be told.
         self.dataset_offset: int | None = None
+        #: The first error writing this file; the file is incomplete when set.
+        self.write_error: OSError | None = None
 
     @property
     def size(self) -> int:
@@ -98,7 +106,7 @@ class ReceiveFile:
 
     def digest(self) -> StreamDigest | None:
         """SHA-256 of the bytes after the file meta, if the header was understood."""
-        if self.dataset_offset is None or self.dataset_offset < 0:
+        if self.write_error is not None or self.dataset_offset is None or self.dataset_offset < 0:
             return None
         return StreamDigest(FileLayout(self.dataset_offset, self._size), self._hash.hexdigest())
 
@@ -107,9 +115,16 @@ class ReceiveFile:
             raise ValueError("write to a closed receive file")
         view = memoryview(data).cast("B")
         total = len(view)
-        done = 0
-        while done < total:
-            done += os.write(self._fd, view[done:])
+        if self.write_error is not None:
+            return total  # dropped: the handler refuses this data set
+        try:
+            done = 0
+            while done < total:
+                done += _os_write(self._fd, view[done:])
+        except OSError as exc:
+            self.write_error = exc
+            log.error("cannot write %s, dropping the rest of its data set: %s", self.name, exc)
+            return total
         self._hash_bytes(view)
         self._size += total
         if _sync_file_range is not None and self._size - self._submitted >= WRITEBACK_BYTES:
