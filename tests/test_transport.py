@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import socket
+import tempfile
 import threading
 import types
 from pathlib import Path
@@ -31,6 +32,7 @@ from pacs_classifier.receive import listener as listener_module
 from pacs_classifier.receive import statuses, transport
 from pacs_classifier.receive.inspect import FileLayout, StreamDigest, inspect_received
 from pacs_classifier.receive.transport import ReceiveFile
+from pacs_classifier.store.storage import TMP_PREFIX
 
 
 def file_meta_bytes() -> bytes:
@@ -215,3 +217,30 @@ def test_disk_full_mid_transfer_answers_out_of_resources_and_keeps_the_associati
         refused = [d for _, outcome, d in audit_outcomes(app.db, "store") if outcome == "refused"]
         assert [d["status"] for d in refused] == ["0xA700"]
         assert "No space left on device" in refused[0]["reason"]
+
+
+def test_receive_file_that_cannot_be_created_is_refused_not_aborted(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No space even for the temporary file: that instance gets 0xA700, the next one,
+    on the same association, is stored."""
+    real_mkstemp = tempfile.mkstemp
+    calls = {"n": 0}
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        if kwargs.get("prefix") == TMP_PREFIX:  # a receive file: the first one fails
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        fd, name = real_mkstemp(*args, **kwargs)
+        return fd, str(name)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    config = make_config(tmp_path, sqlite_url)
+    first, second = small_instance(seed=3), small_instance(seed=4)
+    with running(config) as (app, listener):
+        assert send(listener.address[1], [first, second]) == [
+            statuses.OUT_OF_RESOURCES,
+            statuses.SUCCESS,
+        ]
+        assert_all_stored(app.db, config.path(config.storage.root), {str(second.SOPInstanceUID)})

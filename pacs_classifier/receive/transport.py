@@ -26,6 +26,7 @@ import os
 import struct
 import tempfile
 import threading
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any, cast
@@ -87,10 +88,8 @@ class ReceiveFile:
     """
 
     def __init__(self, directory: str | None, prefix: str, suffix: str) -> None:
-        fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
-        self.name = name
         self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
-        self._fd: int | None = fd
+        self._fd: int | None = None
         self._size = 0
         self._submitted = 0
         self._head = bytearray()
@@ -99,6 +98,16 @@ class ReceiveFile:
         self.dataset_offset: int | None = None
         #: The first error writing this file; the file is incomplete when set.
         self.write_error: OSError | None = None
+        try:
+            self._fd, self.name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
+        except OSError as exc:
+            # No file (a full disk, a read-only folder): drop the data set like a failed
+            # write, under a name that exists nowhere, so the handler can refuse it.
+            self.write_error = exc
+            self.name = os.path.join(
+                directory or tempfile.gettempdir(), f"{prefix}{uuid.uuid4().hex}-failed{suffix}"
+            )
+            log.error("cannot create a receive file in %s: %s", directory, exc)
 
     @property
     def size(self) -> int:
@@ -111,12 +120,12 @@ class ReceiveFile:
         return StreamDigest(FileLayout(self.dataset_offset, self._size), self._hash.hexdigest())
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        if self._fd is None:
-            raise ValueError("write to a closed receive file")
         view = memoryview(data).cast("B")
         total = len(view)
         if self.write_error is not None:
             return total  # dropped: the handler refuses this data set
+        if self._fd is None:
+            raise ValueError("write to a closed receive file")
         try:
             done = 0
             while done < total:
@@ -158,7 +167,7 @@ class ReceiveFile:
         """Nothing is buffered here."""
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
+        fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             os.close(fd)
 
