@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import io
 import os
@@ -10,6 +11,7 @@ import socket
 import tempfile
 import threading
 import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,23 @@ def test_receive_file_without_a_part10_header_keeps_no_digest(tmp_path: Path, he
     rf.close()
     assert rf.digest() is None
     assert Path(rf.name).read_bytes() == head + b"x" * 1000
+
+
+def test_dropped_receive_file_closes_without_the_cycle_collector(tmp_path: Path) -> None:
+    """An aborted transfer's file is closed (and leaves the registry) as soon as pynetdicom
+    drops it: no reference cycle keeps its descriptor open until a gc pass."""
+    rf = ReceiveFile(str(tmp_path), TMP_PREFIX, ".dcm")
+    fd = rf._fd
+    assert fd is not None
+    ref = weakref.ref(rf)
+    gc.disable()
+    try:
+        del rf
+        assert ref() is None
+    finally:
+        gc.enable()
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 def test_inspect_trusts_a_stream_digest_only_for_the_same_layout(tmp_path: Path) -> None:

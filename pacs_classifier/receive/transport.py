@@ -88,7 +88,6 @@ class ReceiveFile:
     """
 
     def __init__(self, directory: str | None, prefix: str, suffix: str) -> None:
-        self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
         self._fd: int | None = None
         self._size = 0
         self._submitted = 0
@@ -108,6 +107,11 @@ class ReceiveFile:
                 directory or tempfile.gettempdir(), f"{prefix}{uuid.uuid4().hex}-failed{suffix}"
             )
             log.error("cannot create a receive file in %s: %s", directory, exc)
+
+    @property
+    def file(self) -> ReceiveFile:
+        """pynetdicom calls ``.file.flush()`` after each fragment (a property: no cycle)."""
+        return self
 
     @property
     def size(self) -> int:
