@@ -64,6 +64,16 @@ def chain_hash(prev_hash: str, content: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + content).hexdigest()
 
 
+def lock_chain(session: Session) -> None:
+    """Take the chain's tip lock for the rest of ``session``'s transaction.
+
+    Every :func:`append_event` takes it too; taking it first orders a whole unit of work
+    (an ingest, its clean-up, a recovery) against the others on both databases (FOR
+    UPDATE on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already holds the write lock).
+    """
+    session.execute(select(AuditHead.id).where(AuditHead.id == 1).with_for_update())
+
+
 def append_event(
     session: Session,
     *,

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -265,15 +265,7 @@ class JobQueue:
         another worker took it); the prediction's unique key keeps that harmless.
         """
         held = self._finish(session, job, JobState.DONE, None)
-        append_event(
-            session,
-            actor=self.actor,
-            action="job.classify",
-            entity_type="instance",
-            entity_id=job.instance_id,
-            outcome="done" if held else "done_lease_lost",
-            detail={"job_id": job.id, "kind": str(job.kind), **detail},
-        )
+        self._audit_outcome(session, job, "done" if held else "done_lease_lost", detail)
         return held
 
     def mark_not_assessed(self, outcomes: Sequence[tuple[ClaimedJob, str]]) -> None:
@@ -283,15 +275,7 @@ class JobQueue:
         with self.db.session() as session:
             for job, reason in outcomes:
                 self._finish(session, job, JobState.NOT_ASSESSED, reason)
-                append_event(
-                    session,
-                    actor=self.actor,
-                    action="job.classify",
-                    entity_type="instance",
-                    entity_id=job.instance_id,
-                    outcome="not_assessed",
-                    detail={"job_id": job.id, "kind": str(job.kind), "reason": reason},
-                )
+                self._audit_outcome(session, job, "not_assessed", {"reason": reason})
 
     def fail(self, failures: Sequence[tuple[ClaimedJob, str, bool]]) -> list[Outcome]:
         """Record failed attempts: ``(job, reason, retryable)``.
@@ -306,41 +290,27 @@ class JobQueue:
         with self.db.session() as session:
             for job, reason, retryable in failures:
                 short = reason[:MAX_REASON_CHARS]
+                detail: dict[str, object] = {"attempts": job.attempts, "reason": short}
+                not_before: datetime | None = None
                 if retryable and job.attempts < self.policy.max_attempts:
-                    not_before = now + self.policy.backoff(job.attempts)
-                    held = _guarded_update(
-                        session,
-                        job,
-                        self.worker_id,
-                        state=JobState.QUEUED,
-                        reason=short,
-                        not_before=not_before,
-                        now=now,
-                    )
-                    state, detail_extra = JobState.QUEUED, {"retry_at": not_before.isoformat()}
+                    state, not_before = JobState.QUEUED, now + self.policy.backoff(job.attempts)
+                    detail["retry_at"] = not_before.isoformat()
                 else:
-                    held = _guarded_update(
-                        session, job, self.worker_id, state=JobState.FAILED, reason=short, now=now
-                    )
-                    state, detail_extra = JobState.FAILED, {}
+                    state = JobState.FAILED
+                held = _guarded_update(
+                    session,
+                    job,
+                    self.worker_id,
+                    state=state,
+                    reason=short,
+                    not_before=not_before,
+                    now=now,
+                )
                 if not held:
                     continue
                 outcomes.append(Outcome(job, state, short))
-                append_event(
-                    session,
-                    actor=self.actor,
-                    action="job.classify",
-                    entity_type="instance",
-                    entity_id=job.instance_id,
-                    outcome="retry" if state == JobState.QUEUED else "failed",
-                    detail={
-                        "job_id": job.id,
-                        "kind": str(job.kind),
-                        "attempts": job.attempts,
-                        "reason": short,
-                        **detail_extra,
-                    },
-                )
+                outcome = "retry" if state == JobState.QUEUED else "failed"
+                self._audit_outcome(session, job, outcome, detail)
         return outcomes
 
     def release(self, jobs: Iterable[ClaimedJob]) -> int:
@@ -384,6 +354,20 @@ class JobQueue:
         self, session: Session, job: ClaimedJob, state: JobState, reason: str | None
     ) -> bool:
         return _guarded_update(session, job, self.worker_id, state=state, reason=reason)
+
+    def _audit_outcome(
+        self, session: Session, job: ClaimedJob, outcome: str, detail: Mapping[str, object]
+    ) -> None:
+        """The ``job.classify`` event of one job's outcome, on its instance."""
+        append_event(
+            session,
+            actor=self.actor,
+            action="job.classify",
+            entity_type="instance",
+            entity_id=job.instance_id,
+            outcome=outcome,
+            detail={"job_id": job.id, "kind": str(job.kind), **detail},
+        )
 
 
 def _guarded_update(

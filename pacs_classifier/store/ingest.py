@@ -36,9 +36,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from pacs_classifier.db.audit import append_event
+from pacs_classifier.db.audit import append_event, lock_chain
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import AuditHead, Instance, Job, JobKind
+from pacs_classifier.db.models import Instance, Job, JobKind
 from pacs_classifier.errors import DatabaseUnavailable
 from pacs_classifier.store.storage import Intent, Storage, fsync_file
 
@@ -148,7 +148,7 @@ class Ingestor:
             with self.db.session() as session:
                 # Lock the audit chain's tip first: it orders concurrent ingests on both
                 # databases (FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite).
-                session.execute(select(AuditHead.id).where(AuditHead.id == 1).with_for_update())
+                lock_chain(session)
                 existing = _find_duplicate(session, meta)
                 if existing is not None:
                     result = self._record_duplicate(session, existing, meta, actor)
@@ -193,7 +193,7 @@ class Ingestor:
         file_path = self.storage.relative(final)
         try:
             with self.db.session() as session:
-                session.execute(select(AuditHead.id).where(AuditHead.id == 1).with_for_update())
+                lock_chain(session)
                 committed = self._committed(session, final, meta)
                 if committed is None:
                     self.storage.remove_final(final)
@@ -273,7 +273,7 @@ class Ingestor:
         with self.db.session() as session:
             # The tip lock: an ingest holds it from its marker to its commit, so a marker
             # seen here with no row is not one whose commit is still under way.
-            session.execute(select(AuditHead.id).where(AuditHead.id == 1).with_for_update())
+            lock_chain(session)
             row_id = session.execute(
                 select(Instance.id).where(
                     Instance.sop_instance_uid == intent.sop_instance_uid,
