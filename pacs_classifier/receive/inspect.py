@@ -159,6 +159,10 @@ def check_structure(buf: Any, implicit: bool) -> None:
     _Walker(buf, implicit).dataset(0, len(buf), 0, in_item=False)
 
 
+#: Preamble (128 bytes), "DICM" and the (0002,0000) UL group length element (12 bytes).
+PART10_HEAD = 144
+
+
 @dataclass(frozen=True)
 class FileLayout:
     """Where the data set starts in a Part 10 file written by the receiver."""
@@ -177,13 +181,13 @@ class StreamDigest:
 
 def part10_layout(buf: Any) -> FileLayout:
     """Find the data set after the preamble and the file meta group (PS3.10 §7.1)."""
-    if len(buf) < 144 or bytes(buf[128:132]) != b"DICM":
+    if len(buf) < PART10_HEAD or bytes(buf[128:132]) != b"DICM":
         raise CannotUnderstand("received file has no DICM prefix")
     group, elem = _TAG.unpack_from(buf, 132)
     if (group, elem) != (0x0002, 0x0000) or bytes(buf[136:138]) != b"UL":
         raise CannotUnderstand("received file has no file meta group length")
     group_length = _U32.unpack_from(buf, 140)[0]
-    return FileLayout(144 + group_length, len(buf))
+    return FileLayout(PART10_HEAD + group_length, len(buf))
 
 
 def _text(ds: Any, keyword: str, limit: int) -> str | None:

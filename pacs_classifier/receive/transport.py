@@ -23,7 +23,6 @@ import ctypes.util
 import hashlib
 import logging
 import os
-import struct
 import tempfile
 import threading
 import uuid
@@ -34,7 +33,13 @@ from typing import Any, cast
 from pynetdicom import _config, dimse_messages
 from pynetdicom.transport import AssociationSocket
 
-from pacs_classifier.receive.inspect import FileLayout, StreamDigest
+from pacs_classifier.receive.inspect import (
+    PART10_HEAD,
+    CannotUnderstand,
+    FileLayout,
+    StreamDigest,
+    part10_layout,
+)
 from pacs_classifier.store.storage import TMP_PREFIX
 
 log = logging.getLogger(__name__)
@@ -45,10 +50,6 @@ WRITEBACK_BYTES = 1 << 20
 #: a peer's PDU length field (up to 4 GiB) is not trusted with an allocation.
 _RECV_PREALLOCATE = 4 << 20
 
-# PS3.10 §7.1: 128-byte preamble, "DICM", then (0002,0000) UL with the meta group length.
-_PREAMBLE = 128
-_META_GROUP_LENGTH = struct.Struct("<HH2sHI")
-_META_HEAD = _PREAMBLE + 4 + _META_GROUP_LENGTH.size
 #: Larger than any real file meta; a header claiming more is not waited for.
 _MAX_META_LENGTH = 1 << 16
 
@@ -155,9 +156,14 @@ class ReceiveFile:
                 self._hash.update(view)
             return
         self._head += view
-        if len(self._head) < _META_HEAD:
+        if len(self._head) < PART10_HEAD:
             return
-        offset = _dataset_offset(self._head)
+        try:
+            offset = part10_layout(self._head).dataset_offset
+        except CannotUnderstand:
+            offset = -1
+        if offset - PART10_HEAD > _MAX_META_LENGTH:
+            offset = -1  # not waited for
         if offset < 0:
             self.dataset_offset = -1
             self._head = bytearray()
@@ -177,18 +183,6 @@ class ReceiveFile:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _dataset_offset(head: bytes | bytearray) -> int:
-    """Offset of the data set after a Part 10 file meta, or -1 if ``head`` is not one."""
-    if head[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
-        return -1
-    group, element, vr, _length, value = _META_GROUP_LENGTH.unpack_from(head, _PREAMBLE + 4)
-    if (group, element, vr) != (0x0002, 0x0000, b"UL"):
-        return -1
-    if value > _MAX_META_LENGTH:
-        return -1
-    return _META_HEAD + int(value)
 
 
 #: The receive files of data sets not yet handled, by path: the handler finds its digest
