@@ -10,6 +10,7 @@ from pacs_classifier.preprocess import reasons
 from pacs_classifier.preprocess.eligibility import check_eligibility
 from pacs_classifier.preprocess.normalize import (
     dataset_to_unit,
+    file_to_unit,
     normalize_dataset,
     normalize_file,
 )
@@ -18,6 +19,7 @@ from pacs_classifier.preprocess.tensor import unit_to_tensor
 __all__ = [
     "check_eligibility",
     "dataset_to_unit",
+    "file_to_unit",
     "normalize_dataset",
     "normalize_file",
     "reasons",

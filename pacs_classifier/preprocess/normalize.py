@@ -33,11 +33,21 @@ def normalize_file(
     missing or unreadable file) propagates unchanged.
     """
     check_image_size(image_size)
+    return unit_to_tensor(file_to_unit(path, rules=rules), image_size)
+
+
+def file_to_unit(
+    path: str | PathLike[str], *, rules: EligibilityConfig | None = None
+) -> NDArray[np.float32]:
+    """The [0, 1] grey stage of :func:`normalize_file` (before resize and padding).
+
+    The shift stress suite re-renders images here, where DICOM and JPEG meet.
+    """
     rules = rules or EligibilityConfig()
     file = Path(path)
     if decode.sniff(file) == "image":
-        return unit_to_tensor(image.read_unit(file, rules), image_size)
-    return normalize_dataset(decode.read_dataset(file), image_size, rules=rules)
+        return image.read_unit(file, rules)
+    return dataset_to_unit(decode.read_dataset(file), rules)
 
 
 def normalize_dataset(
