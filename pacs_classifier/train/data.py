@@ -171,3 +171,70 @@ def load_arrays(
         ):
             pass
     return out
+
+
+def patient_folds(samples: Sequence[Sample], k: int, seed: int) -> list[Split]:
+    """``k`` seeded, stratified folds by patient group: fold i validates on its groups and
+    trains on the rest, so every image is out-of-fold exactly once.
+
+    Groups are assigned to their majority class; within each class, shuffled groups go,
+    largest first, to the fold that holds the fewest images of that class so far.
+    """
+    if not 2 <= k <= 20:
+        raise PermanentError(f"folds must be in 2..20, received {k}")
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_group[s.group].append(s)
+    groups_of_class: dict[int, list[str]] = defaultdict(list)
+    for group, items in sorted(by_group.items()):
+        groups_of_class[Counter(s.label for s in items).most_common(1)[0][0]].append(group)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible split, not a secret
+    fold_of: dict[str, int] = {}
+    for label in range(len(CLASSES)):
+        groups = groups_of_class[label]
+        if len(groups) < k:
+            raise PermanentError(
+                f"class {CLASSES[label]} has {len(groups)} patient group(s); {k} folds need "
+                f"at least {k}"
+            )
+        rng.shuffle(groups)
+        groups.sort(key=lambda g: -len(by_group[g]))  # stable: ties keep the shuffle
+        load = [0] * k
+        for g in groups:
+            fold = min(range(k), key=lambda f: (load[f], f))
+            fold_of[g] = fold
+            load[fold] += len(by_group[g])
+    return [
+        Split(
+            train=[s for s in samples if fold_of[s.group] != i],
+            val=[s for s in samples if fold_of[s.group] == i],
+        )
+        for i in range(k)
+    ]
+
+
+def load_units(
+    samples: Sequence[Sample], *, workers: int = 2, progress: bool = True
+) -> list[npt.NDArray[np.float32]]:
+    """Every sample at the [0, 1] grey stage (native size), for the stress suite."""
+    from pacs_classifier.preprocess import file_to_unit
+
+    def one(sample: Sample) -> npt.NDArray[np.float32]:
+        try:
+            return file_to_unit(sample.path)
+        except NotAssessable as exc:
+            raise PermanentError(f"{sample.path}: cannot be used: {exc}") from exc
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(
+            tqdm(
+                pool.map(one, samples),
+                total=len(samples),
+                desc="reading images",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )

@@ -16,7 +16,7 @@ from pacs_classifier.errors import NotAssessable, PermanentError
 from pacs_classifier.infer.bundle import CLASS_NAMES, read_bundle
 from pacs_classifier.infer.runtime import load_predictor
 from pacs_classifier.train import metrics as mt
-from pacs_classifier.train.data import list_samples
+from pacs_classifier.train.data import Sample, list_samples, load_units
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,22 @@ def evaluate_bundle(
     *,
     batch_size: int = 16,
     progress: bool = True,
+    runtime: str = "keras",
+    stress: bool = False,
 ) -> Evaluation:
-    """Predict every image of ``data_dir`` with the bundle and compute SPEC §10 metrics."""
+    """Predict every image of ``data_dir`` with the bundle and compute SPEC §10 metrics.
+
+    ``runtime`` is any serving runtime (``keras``, ``onnx``, ``tflite-int8``, ``auto``), so
+    the figures can be those of what serves. ``stress`` adds the shift stress suite
+    (``train/stress.py``) at the bundle's frozen threshold: ``stress.json`` in ``out`` and
+    ``metrics["stress"]``.
+    """
     from tqdm import tqdm
 
     from pacs_classifier.preprocess import normalize_file
 
     info = read_bundle(model_dir)
-    predictor = load_predictor(info, "keras")
+    predictor = load_predictor(info, runtime)
     samples = list_samples(data_dir)
     probs: list[float] = []
     for i in tqdm(
@@ -97,7 +105,38 @@ def evaluate_bundle(
     else:
         metrics = mt.point_metrics(y, p, info.threshold)
         metrics["ci95"] = mt.bootstrap_intervals(y, p, info.threshold)
+    metrics["runtime"] = predictor.runtime
+    if stress:
+        metrics["stress"] = _stress(
+            predictor, samples, y, info.image_size, info.threshold, progress
+        )
+        if out is not None:
+            (out / "stress.json").write_text(
+                json.dumps(_jsonable(metrics["stress"]), indent=2) + "\n", encoding="utf-8"
+            )
     return Evaluation(metrics, paths, y, p)
+
+
+def _stress(
+    predictor: Any,
+    samples: list[Sample],
+    y: npt.NDArray[np.int64],
+    image_size: int,
+    threshold: float,
+    progress: bool,
+) -> dict[str, Any]:
+    from pacs_classifier.train.stress import SHIFTS, shifted_predictions, stress_report
+
+    units = load_units(samples, progress=progress)
+    by_shift = shifted_predictions(
+        predictor.predict,
+        units,
+        [s.path.name for s in samples],
+        image_size,
+        SHIFTS,
+        progress=progress,
+    )
+    return stress_report(y, by_shift, threshold).as_dict() | {"n": len(samples)}
 
 
 def _jsonable(obj: Any) -> Any:
