@@ -322,3 +322,93 @@ def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
     assert final["auc"] == pytest.approx(old.metadata["metrics"]["final"]["auc"])
     assert final["sensitivity"] >= 0.97
     assert (out / "plots" / "calibration.png").is_file()
+
+
+# ------------------------------------------------------------------ shift-robust training
+
+
+def _val_folder(bundle: Path, data: Path, dest: Path) -> Path:
+    split = json.loads((bundle / "split.json").read_text())
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (dest / cls).mkdir(parents=True)
+        for path in (data / cls).iterdir():
+            if path.name in split["val"]:
+                shutil.copy(path, dest / cls / path.name)
+    return dest
+
+
+def test_shift_robust_training_records_cross_validation_and_stress_suite(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from pacs_classifier.train.evaluate import evaluate_bundle
+    from pacs_classifier.train.stress import SHIFT_NAMES
+
+    out = tmp_path / "robust"
+    train(
+        _opts(
+            tiny_data,
+            out,
+            intensity="equalize",
+            augment="acquisition",
+            label_smoothing=0.1,
+            cv_folds=3,
+            calibrate_on="validation+shifts",
+        )
+    )
+    info = read_bundle(out)
+    meta = info.metadata
+    assert "equalisation" in meta["preprocessing"]["intensity"]
+    assert load_keras_model(info).get_layer("equalize") is not None
+    assert "pooled" in meta["calibration"]["fitted_on"]
+    assert meta["threshold"]["chosen_on"] == meta["calibration"]["fitted_on"]
+    cv = meta["cross_validation"]
+    assert cv["folds"] == 3 and len(cv["per_fold"]) == 3
+    assert sum(f["n"] for f in cv["per_fold"]) == 32  # every image out of fold once
+    auc = cv["summary"]["auc"]
+    assert auc["min"] <= auc["mean"] <= auc["max"]
+    stress = meta["stress"]
+    assert set(stress["shifts"]) == {"clean", *SHIFT_NAMES}
+    assert stress["threshold"] == meta["threshold"]["value"]
+    assert stress["n"] == meta["metrics"]["final"]["n"]
+    worst_spec = min(r["specificity"] for k, r in stress["shifts"].items() if k != "clean")
+    assert stress["worst"]["specificity"]["value"] == worst_spec
+    # The clean row is the recorded validation; evaluate --stress reproduces the suite.
+    final = meta["metrics"]["final"]
+    assert stress["shifts"]["clean"]["specificity"] == final["specificity"]
+    val = _val_folder(out, tiny_data, tmp_path / "val")
+    ev = evaluate_bundle(out, val, tmp_path / "eval", progress=False, stress=True)
+    assert ev.metrics["runtime"] == "keras"
+    for name, row in stress["shifts"].items():
+        again = ev.metrics["stress"]["shifts"][name]
+        assert again["auc"] == pytest.approx(row["auc"], abs=1e-6), name
+        assert again["specificity"] == row["specificity"], name
+    assert (tmp_path / "eval" / "stress.json").is_file()
+
+
+def test_acquisition_augmentation_keeps_range_and_draws_anew(cxr_dir: Path) -> None:
+    import tensorflow as tf
+
+    from pacs_classifier.preprocess import normalize_file
+    from pacs_classifier.train.trainer import _acquisition_effects
+
+    files = sorted((cxr_dir / "NORMAL").iterdir())[:8]
+    x = np.stack([normalize_file(f, SIZE)[..., 0] for f in files])
+    tf.random.set_seed(3)
+    out = np.asarray(_acquisition_effects(tf.constant(x)))
+    assert out.shape == x.shape and out.min() >= -1.0 and out.max() <= 1.0
+    changed = np.abs(out - x).mean(axis=(1, 2)) > 1e-3
+    assert changed.sum() >= 6  # each of eight effects hits about half the images
+    again = np.asarray(_acquisition_effects(tf.constant(x)))
+    assert not np.array_equal(again, out)  # a new draw each batch
+
+
+def test_new_training_options_are_checked(tiny_data: Path, tmp_path: Path) -> None:
+    for kw, needle in (
+        ({"intensity": "clahe"}, "--intensity"),
+        ({"augment": "heavy"}, "--augment"),
+        ({"label_smoothing": 0.6}, "--label-smoothing"),
+        ({"cv_folds": 1}, "--cv-folds"),
+        ({"calibrate_on": "validation+shifts", "stress": False}, "stress suite"),
+    ):
+        with pytest.raises(PermanentError, match=needle):
+            train(_opts(tiny_data, tmp_path / "x", **kw))

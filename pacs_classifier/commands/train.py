@@ -63,7 +63,45 @@ def register(sub: Any) -> None:
         help="fitted on validation: temperature scaling, or Platt scaling (temperature and "
         "bias, which also undoes the shift class weighting gives the intercept)",
     )
-    p.add_argument("--no-augment", action="store_true", help="phase 2 without augmentation")
+    p.add_argument(
+        "--augment",
+        choices=("none", "light", "acquisition"),
+        default="light",
+        help="phase 2 augmentation: light (small rotation, shift, zoom, contrast), or "
+        "acquisition (that plus exposure, window, blur and resolution loss per image)",
+    )
+    p.add_argument("--no-augment", action="store_true", help="same as --augment none")
+    p.add_argument(
+        "--intensity",
+        choices=("none", "equalize"),
+        default="none",
+        help="intensity normalisation inside the model, shared by training and every "
+        "runtime: equalize = per-image histogram equalisation",
+    )
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument(
+        "--cv-folds",
+        type=int,
+        default=5,
+        help="patient-level k-fold cross-validation of phase 1 (0: off)",
+    )
+    p.add_argument(
+        "--no-stress", action="store_true", help="skip the shift stress suite on validation"
+    )
+    p.add_argument(
+        "--stress-max-images",
+        type=int,
+        default=0,
+        help="stress suite on a stratified subset of validation (0: all of it)",
+    )
+    p.add_argument(
+        "--calibrate-on",
+        choices=("validation", "validation+shifts"),
+        default="validation",
+        help="what calibration and threshold are fitted on: the clean validation split, "
+        "or it pooled with its trained-in stress-suite shifts",
+    )
     p.add_argument("--version", help="bundle version (default: time and content hash)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -88,7 +126,14 @@ def run(args: argparse.Namespace) -> int:
         lr_finetune=args.lr_finetune,
         target_sensitivity=args.target_sensitivity,
         calibration=args.calibration,
-        augment=not args.no_augment,
+        augment="none" if args.no_augment else args.augment,
+        intensity=args.intensity,
+        label_smoothing=args.label_smoothing,
+        dropout=args.dropout,
+        cv_folds=args.cv_folds,
+        stress=not args.no_stress,
+        stress_max_images=args.stress_max_images,
+        calibrate_on=args.calibrate_on,
         version=args.version,
         progress=not args.quiet,
     )

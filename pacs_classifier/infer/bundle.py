@@ -141,6 +141,8 @@ def load_keras_model(info: BundleInfo) -> Any:
     import keras
     import numpy as np
 
+    import pacs_classifier.infer.layers  # noqa: F401 - registers the bundle's own layers
+
     try:
         model = keras.models.model_from_json(
             (info.path / ARCHITECTURE_FILE).read_text(encoding="utf-8")

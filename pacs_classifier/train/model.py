@@ -20,6 +20,7 @@ from pacs_classifier.errors import ModelError, PermanentError
 BASE_BLOCKS = tuple(f"mixed{i}" for i in range(11))
 BASE_NAME = "inception_v3_base"
 INPUT_RANGES = ("symmetric", "unit")
+INTENSITIES = ("none", "equalize")
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,39 @@ def cut_base(base: Any, block: str) -> Any:
     return keras.Model(sub.input, sub.output, name=BASE_NAME)
 
 
-def build_classifier(base: Any, image_size: int, input_range: str, dropout: float = 0.3) -> Any:
-    """Wrap a (cut) base with the input adapter and the head."""
+def input_adapter(inputs: Any, input_range: str, intensity: str = "none") -> Any:
+    """The layers between the [-1, 1] tensor and the base: the intensity normalisation
+    (``equalize``: per-image histogram equalisation, ``infer/layers.py``) and, for a base
+    trained on [0, 1], a rescaling. Part of the model, so every runtime applies them."""
     import keras
 
     if input_range not in INPUT_RANGES:
         raise PermanentError(
             f"base input range must be one of {INPUT_RANGES}, received {input_range!r}"
         )
-    inputs = keras.Input((image_size, image_size, 3), name="image")
+    if intensity not in INTENSITIES:
+        raise PermanentError(
+            f"intensity normalisation must be one of {INTENSITIES}, received {intensity!r}"
+        )
     x = inputs
+    if intensity == "equalize":
+        from pacs_classifier.infer.layers import HistogramEqualization
+
+        x = HistogramEqualization(name="equalize")(x)
     if input_range == "unit":
         # The tensor contract is [-1, 1] (SPEC §6); this base was trained on [0, 1].
         x = keras.layers.Rescaling(0.5, offset=0.5, name="to_unit_range")(x)
+    return x
+
+
+def build_classifier(
+    base: Any, image_size: int, input_range: str, dropout: float = 0.3, intensity: str = "none"
+) -> Any:
+    """Wrap a (cut) base with the input adapter and the head."""
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = input_adapter(inputs, input_range, intensity)
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)

@@ -38,8 +38,17 @@ from pacs_classifier.infer.bundle import (
     write_metadata,
     write_model_files,
 )
+from pacs_classifier.infer.runtime import calibrate
 from pacs_classifier.train import metrics as mt
-from pacs_classifier.train.data import Split, list_samples, load_arrays, patient_split
+from pacs_classifier.train.data import (
+    Sample,
+    Split,
+    list_samples,
+    load_arrays,
+    load_units,
+    patient_folds,
+    patient_split,
+)
 from pacs_classifier.train.model import (
     BASE_BLOCKS,
     BASE_NAME,
@@ -47,13 +56,22 @@ from pacs_classifier.train.model import (
     build_base,
     build_classifier,
     cut_base,
+    input_adapter,
     set_phase1,
     set_phase2,
 )
+from pacs_classifier.train.stress import SHIFTS, shifted_predictions, stress_report
 
 log = logging.getLogger(__name__)
 
 AUTO_CUT_CANDIDATES = ("mixed7", "mixed8", "mixed9", "mixed10")
+AUGMENTATIONS = ("none", "light", "acquisition")
+CALIBRATE_ON = ("validation", "validation+shifts")
+INTENSITY_DESCRIPTIONS = {
+    "none": "none (the [0, 1] grey image as windowed)",
+    "equalize": "per-image histogram equalisation over the image content, in the model "
+    "(layer 'equalize', pacs_classifier.infer.layers.HistogramEqualization)",
+}
 THRESHOLD_RULE = "highest threshold keeping validation sensitivity >= {target}"
 
 
@@ -76,7 +94,13 @@ class TrainOptions:
     dropout: float = 0.3
     target_sensitivity: float = 0.97
     calibration: str = "temperature"
-    augment: bool = True
+    augment: str = "light"
+    intensity: str = "none"
+    label_smoothing: float = 0.0
+    cv_folds: int = 5
+    stress: bool = True
+    stress_max_images: int = 0
+    calibrate_on: str = "validation"
     patience: int = 3
     version: str | None = None
     progress: bool = True
@@ -125,10 +149,22 @@ def train(opts: TrainOptions) -> TrainResult:
         heads[block] = head
         log.info("phase 1, base cut %s: validation AUC %.4f", block, phase1[block]["val"]["auc"])
     chosen_cut = max(candidates, key=lambda b: phase1[b]["val"]["auc"])
+    cross_validation = (
+        cross_validate_heads(
+            [*split.train, *split.val],
+            np.concatenate([feats_train[chosen_cut], feats_val[chosen_cut]]),
+            class_weight,
+            opts,
+        )
+        if opts.cv_folds
+        else None
+    )
     del feats_train, feats_val
 
     base = cut_base(full_base, chosen_cut)
-    model = build_classifier(base, opts.image_size, opts.base_input_range, opts.dropout)
+    model = build_classifier(
+        base, opts.image_size, opts.base_input_range, opts.dropout, opts.intensity
+    )
     model.get_layer("pneumonia").set_weights(heads[chosen_cut].get_layer("dense").get_weights())
     set_phase1(model)
 
@@ -138,11 +174,8 @@ def train(opts: TrainOptions) -> TrainResult:
 
     # ---- calibrate and choose the threshold on the model as it will be stored
     _round_to_float16(model)
-    p_val_raw = _predict(model, x_val, opts.batch_size)
-    point = fit_operating_point(
-        y_val, p_val_raw, opts.calibration, opts.target_sensitivity, seed=opts.seed
-    )
-    p_val, final = point.p_val, point.metrics
+    del x_train  # the stress suite re-reads validation images at their own size
+    point, p_val, final, stress = _operating_point(model, split, x_val, y_val, opts)
     log.info(
         "phase 2: validation AUC %.4f, sensitivity %.3f, specificity %.3f at %.3f (ECE %.3f)",
         final["auc"],
@@ -169,6 +202,7 @@ def train(opts: TrainOptions) -> TrainResult:
             "channels": 3,
             "resize": "aspect-preserving, centred, padded with black",
             "base_input_range": opts.base_input_range,
+            "intensity": INTENSITY_DESCRIPTIONS[opts.intensity],
         },
         "threshold": point.threshold,
         "calibration": point.calibration,
@@ -198,6 +232,8 @@ def train(opts: TrainOptions) -> TrainResult:
             "final": final,
         },
         "history": {"phase1": phase1[chosen_cut]["history"], "phase2": history2},
+        "cross_validation": cross_validation,
+        "stress": stress,
         "seed": opts.seed,
         "library_versions": _versions(),
         "files": files,
@@ -208,6 +244,54 @@ def train(opts: TrainOptions) -> TrainResult:
     write_training_plots(opts.out / "plots", metadata, y_val, p_val)
     write_metadata(opts.out, metadata)  # plots do not change the model files' checksums
     return TrainResult(opts.out, version, metadata["metrics"])
+
+
+def _operating_point(
+    model: Any,
+    split: Split,
+    x_val: Any,
+    y_val: npt.NDArray[np.float32],
+    opts: TrainOptions,
+) -> tuple[OperatingPoint, npt.NDArray[np.float64], dict[str, Any], dict[str, Any] | None]:
+    """Stress-suite predictions, then calibration and threshold on what ``calibrate_on``
+    names, then the validation metrics and the stress report at that threshold."""
+    stress_raw: dict[str, npt.NDArray[np.float64]] = {}
+    stress_idx = np.arange(len(split.val))
+    if opts.stress:
+        stress_idx = _stress_subset(y_val, opts.stress_max_images, opts.seed)
+        stress_raw = _stress_predictions(model, [split.val[i] for i in stress_idx], opts)
+    p_val_raw = (
+        stress_raw["clean"]
+        if opts.stress and len(stress_idx) == len(split.val)
+        else _predict(model, x_val, opts.batch_size)
+    )
+    fit_y, fit_p = y_val, p_val_raw
+    trained_in = [s.name for s in SHIFTS if s.in_training and s.name in stress_raw]
+    if opts.calibrate_on == "validation+shifts":
+        fit_y = np.concatenate([y_val, *[y_val[stress_idx] for _ in trained_in]])
+        fit_p = np.concatenate([p_val_raw, *[stress_raw[n] for n in trained_in]])
+    point = fit_operating_point(
+        fit_y, fit_p, opts.calibration, opts.target_sensitivity, seed=opts.seed
+    )
+    temperature, bias = point.calibration["temperature"], point.calibration["bias"]
+    threshold = point.threshold["value"]
+    p_val = calibrate(p_val_raw, temperature, bias)
+    final = mt.point_metrics(y_val, p_val, threshold)
+    final["ci95"] = mt.bootstrap_intervals(y_val, p_val, threshold, seed=opts.seed)
+    final["ece_uncalibrated"] = mt.expected_calibration_error(y_val, p_val_raw)
+    if opts.calibrate_on != "validation":
+        where = (
+            "validation (patient-level split) pooled with its trained-in stress-suite "
+            f"shifts ({', '.join(trained_in)})"
+        )
+        point.calibration["fitted_on"] = point.threshold["chosen_on"] = where
+        final["fit_pool"] = {"n": len(fit_y), "metrics": point.metrics}
+    stress = None
+    if opts.stress:
+        calibrated = {k: calibrate(v, temperature, bias) for k, v in stress_raw.items()}
+        report = stress_report(y_val[stress_idx], calibrated, threshold)
+        stress = report.as_dict() | {"n": len(stress_idx)}
+    return point, p_val, final, stress
 
 
 CALIBRATIONS = ("temperature", "platt")
@@ -236,8 +320,6 @@ def fit_operating_point(
     ``temperature``: ``sigmoid(logit / T)``; ``platt``: ``sigmoid(logit / T + b)``, which
     can also undo the shift of the intercept that class weighting causes.
     """
-    from pacs_classifier.infer.runtime import calibrate
-
     if method not in CALIBRATIONS:
         raise PermanentError(
             f"calibration must be one of {', '.join(CALIBRATIONS)}, received {method!r}"
@@ -286,6 +368,31 @@ def _check_options(o: TrainOptions) -> None:
             0.5 <= o.target_sensitivity < 1,
             f"target sensitivity must be in [0.5, 1), received {o.target_sensitivity}",
         ),
+        (
+            o.augment in AUGMENTATIONS,
+            f"--augment must be one of {', '.join(AUGMENTATIONS)}, received {o.augment!r}",
+        ),
+        (
+            o.intensity in INTENSITY_DESCRIPTIONS,
+            f"--intensity must be one of {', '.join(INTENSITY_DESCRIPTIONS)}, "
+            f"received {o.intensity!r}",
+        ),
+        (
+            0 <= o.label_smoothing < 0.5,
+            f"--label-smoothing must be in [0, 0.5), received {o.label_smoothing}",
+        ),
+        (
+            o.cv_folds == 0 or 2 <= o.cv_folds <= 20,
+            f"--cv-folds must be 0 (off) or 2..20, received {o.cv_folds}",
+        ),
+        (
+            o.calibrate_on in CALIBRATE_ON,
+            f"--calibrate-on must be one of {', '.join(CALIBRATE_ON)}, received {o.calibrate_on!r}",
+        ),
+        (
+            o.calibrate_on == "validation" or o.stress,
+            "--calibrate-on validation+shifts needs the stress suite (drop --no-stress)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -319,11 +426,7 @@ def _pooled_features(
     import tensorflow as tf
 
     inputs = keras.Input((opts.image_size, opts.image_size, 3))
-    x = (
-        keras.layers.Rescaling(0.5, offset=0.5)(inputs)
-        if opts.base_input_range == "unit"
-        else inputs
-    )
+    x = input_adapter(inputs, opts.base_input_range, opts.intensity)
     probe = keras.Model(base.input, [base.get_layer(b).output for b in blocks])
     outs = probe(x, training=False)
     outs = outs if isinstance(outs, list | tuple) else [outs]
@@ -368,7 +471,7 @@ def _train_head(
     head = keras.Model(inputs, out)
     head.compile(
         optimizer=keras.optimizers.Adam(opts.lr_frozen),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=opts.label_smoothing),
         metrics=[keras.metrics.AUC(name="auc")],
     )
     stop = keras.callbacks.EarlyStopping(
@@ -424,7 +527,8 @@ def _fine_tune(
     if opts.epochs_finetune == 0:
         return {}
     keras.utils.set_random_seed(opts.seed)
-    augment = _augmenter(opts) if opts.augment else None
+    augment = _augmenter(opts) if opts.augment != "none" else None
+    acquisition = opts.augment == "acquisition"
     weights = tf.constant([class_weight[0], class_weight[1]], tf.float32)
 
     def train_batches() -> Any:
@@ -433,6 +537,8 @@ def _fine_tune(
         ds = ds.batch(opts.batch_size)
 
         def prep(x: Any, y: Any) -> Any:
+            if acquisition:
+                x = _acquisition_effects(x)
             x = _to_rgb(x)
             if augment is not None:
                 x = tf.clip_by_value(augment(x, training=True), -1.0, 1.0)
@@ -449,7 +555,7 @@ def _fine_tune(
     )
     model.compile(
         optimizer=keras.optimizers.Adam(opts.lr_finetune),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=opts.label_smoothing),
         metrics=[keras.metrics.AUC(name="auc")],
     )
     ckpt = opts.out.parent / f".{opts.out.name}.phase2.best.weights.h5"
@@ -474,6 +580,117 @@ def _fine_tune(
         model.load_weights(str(ckpt))  # the best epoch on validation AUC, not the last
         ckpt.unlink()
     return _history(hist.history)
+
+
+def _acquisition_effects(x: Any) -> Any:
+    """Random acquisition renderings of a grey batch (N, S, S) in [-1, 1], per image:
+    ``augment.random_acquisition`` (the trained-in shifts of the stress suite), run as
+    numpy inside the input pipeline, seeded from TensorFlow's seeded random stream."""
+    import tensorflow as tf
+
+    from pacs_classifier.train.augment import augment_batch
+
+    seed = tf.random.uniform([], 0, 2**31 - 1, dtype=tf.int64)
+    out = tf.numpy_function(
+        lambda batch, s: augment_batch(batch, int(s)), [x, seed], tf.float32, stateful=True
+    )
+    return tf.ensure_shape(out, x.shape)
+
+
+def cross_validate_heads(
+    samples: Sequence[Sample],
+    features: npt.NDArray[np.float32],
+    class_weight: dict[int, float],
+    opts: TrainOptions,
+) -> dict[str, Any]:
+    """Patient-level k-fold cross-validation of phase 1 (the head on frozen features).
+
+    Every image is predicted once, by the head that did not see its patient. Reports each
+    fold's AUC and, at the threshold the rule picks on the pooled out-of-fold
+    predictions, each fold's sensitivity and specificity; then mean, spread and range.
+    Fine-tuning every fold is beyond two CPU cores; the phase-1 figures say how much one
+    split's luck moves the numbers.
+    """
+    index = {s.path: i for i, s in enumerate(samples)}
+    y_all = np.array([s.label for s in samples], dtype=np.float32)
+    folds = patient_folds(samples, opts.cv_folds, opts.seed)
+    oof = np.zeros(len(samples), dtype=np.float64)
+    fold_of = np.zeros(len(samples), dtype=np.int64)
+    for k, fold in enumerate(folds):
+        tr = np.array([index[s.path] for s in fold.train])
+        va = np.array([index[s.path] for s in fold.val])
+        _, _, p = _train_head(features[tr], y_all[tr], features[va], y_all[va], class_weight, opts)
+        oof[va] = p
+        fold_of[va] = k
+    thr = mt.threshold_for_sensitivity(y_all, oof, opts.target_sensitivity)
+    per_fold = []
+    for k in range(len(folds)):
+        m = mt.point_metrics(y_all[fold_of == k], oof[fold_of == k], thr)
+        per_fold.append(
+            {key: float(m[key]) for key in ("n", "auc", "sensitivity", "specificity", "f1")}
+        )
+    summary = {}
+    for key in ("auc", "sensitivity", "specificity", "f1"):
+        values = np.array([f[key] for f in per_fold])
+        summary[key] = {
+            "mean": float(values.mean()),
+            "sd": float(values.std(ddof=1)),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    pooled = mt.point_metrics(y_all, oof, thr)
+    log.info(
+        "cross-validation (%d folds, phase 1): AUC %.4f ± %.4f, specificity %.3f ± %.3f",
+        len(folds),
+        summary["auc"]["mean"],
+        summary["auc"]["sd"],
+        summary["specificity"]["mean"],
+        summary["specificity"]["sd"],
+    )
+    return {
+        "what": "phase 1 (head on frozen features); threshold rule applied to the pooled "
+        "out-of-fold predictions",
+        "folds": len(folds),
+        "seed": opts.seed,
+        "threshold_on_pooled_oof": thr,
+        "per_fold": per_fold,
+        "summary": summary,
+        "pooled_oof": {
+            k: float(pooled[k]) for k in ("auc", "sensitivity", "specificity", "f1", "ece")
+        },
+    }
+
+
+def _stress_subset(y: npt.NDArray[np.float32], max_images: int, seed: int) -> Any:
+    """Indices of a stratified subset of at most ``max_images`` (all when 0), sorted."""
+    if max_images <= 0 or max_images >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in (0, 1):
+        idx = np.flatnonzero(y == label)
+        take = max(1, round(max_images * len(idx) / len(y)))
+        picked.append(rng.choice(idx, size=min(take, len(idx)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def _stress_predictions(
+    model: Any, samples: Sequence[Sample], opts: TrainOptions
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Uncalibrated predictions of ``samples`` clean and under every stress-suite shift."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
+    units = load_units(samples, workers=opts.workers, progress=opts.progress)
+    return shifted_predictions(
+        lambda batch: np.asarray(fn(batch), dtype=np.float64).reshape(-1),
+        units,
+        [s.path.name for s in samples],
+        opts.image_size,
+        SHIFTS,
+        batch_size=opts.batch_size,
+        progress=opts.progress,
+    )
 
 
 def _log_epochs(phase: str) -> Any:
