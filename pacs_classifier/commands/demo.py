@@ -2,8 +2,8 @@
 
 1. trains a small model with the project's trainer on the sample shipped in
    ``pacs_classifier/demo_data/train`` (40 images) and registers it;
-2. registers and activates the committed reference model (``models/reference``) when the
-   checkout has one, otherwise activates the small model;
+2. registers and activates the reference model (``models/reference``, shipped in the
+   package as ``reference_model``) when it is there, otherwise activates the small model;
 3. starts the daemon (listener and worker roles) on a free local port with SQLite in a
    temporary folder;
 4. wraps the images of ``demo_data/incoming`` as CR chest DICOM files, adds the real DICOM
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pacs_classifier import REFERENCE_MODEL_DIR
 from pacs_classifier.errors import PacsClassifierError, PermanentError
 
 ORDER = 90
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEMO_DATA = PACKAGE_DIR / "demo_data"
 REPO_DIR = PACKAGE_DIR.parent
-REFERENCE_MODEL = REPO_DIR / "models" / "reference"
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 CALLING_AE = "DEMO_SCU"
 #: The shipped sample is 224 px; the default eligibility asks for 256 on the short side.
@@ -196,16 +196,16 @@ class Demo:
     def register(self, app: Any, bundle: Path) -> str:
         from pacs_classifier.infer.registry import register_bundle
 
-        has_reference = (REFERENCE_MODEL / "metadata.json").is_file()
+        has_reference = (REFERENCE_MODEL_DIR / "metadata.json").is_file()
         small = register_bundle(
             app.db, bundle, self.config.model_dir, actor="demo", activate=not has_reference
         )
         print(f"registered {small.version}")
         if not has_reference:
-            print(f"no reference model at {REFERENCE_MODEL}: the small model is active")
+            print(f"no reference model at {REFERENCE_MODEL_DIR}: the small model is active")
             return small.version
         ref = register_bundle(
-            app.db, REFERENCE_MODEL, self.config.model_dir, actor="demo", activate=True
+            app.db, REFERENCE_MODEL_DIR, self.config.model_dir, actor="demo", activate=True
         )
         print(f"registered and activated the reference model {ref.version}")
         return ref.version
