@@ -120,8 +120,8 @@ def record(app: App, paths: list[Path]) -> list[Row]:
     actor = f"cli:{getpass.getuser()}"
     stored: dict[str, int | None] = {}
     for path in paths:
-        tmp, meta = _as_received(path, storage)
-        result = ingestor.ingest(tmp, meta, actor=actor, calling_ae=None)
+        tmp, meta, warnings = _as_received(path, storage)
+        result = ingestor.ingest(tmp, meta, actor=actor, calling_ae=None, warnings=warnings)
         stored[str(path)] = result.job_id
     job_ids = [j for j in stored.values() if j is not None]
     if job_ids:
@@ -151,8 +151,9 @@ def record(app: App, paths: list[Path]) -> list[Row]:
     return rows
 
 
-def _as_received(path: Path, storage: Any) -> tuple[Path, Any]:
-    """A Part 10 copy in the storage's temporary folder and its metadata, as C-STORE has."""
+def _as_received(path: Path, storage: Any) -> tuple[Path, Any, tuple[str, ...]]:
+    """A Part 10 copy in the storage's temporary folder, its metadata and its UID
+    warnings, as C-STORE has them."""
     from pydicom.uid import UID
 
     from pacs_classifier.preprocess.decode import read_dataset, sniff
@@ -165,8 +166,8 @@ def _as_received(path: Path, storage: Any) -> tuple[Path, Any]:
     ds.save_as(tmp, enforce_file_format=True)
     syntax = str(ds.file_meta.TransferSyntaxUID)
     try:
-        meta, _warnings = inspect_received(tmp, syntax, str(UID(ds.SOPClassUID)))
+        meta, warnings = inspect_received(tmp, syntax, str(UID(ds.SOPClassUID)))
     except CannotUnderstand as exc:
         storage.discard(tmp)
         raise PermanentError(f"{path}: {exc}") from None
-    return tmp, meta
+    return tmp, meta, tuple(warnings)

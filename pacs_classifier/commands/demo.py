@@ -68,21 +68,19 @@ def register(sub: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import warnings
-
     import pydicom  # noqa: F401 - both reset their loggers' levels on import: import first
     import pynetdicom  # noqa: F401
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # One shared sample has a non-conformant UID on purpose; the audit trail records it.
-    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
-    # The demo prints its own account of each step; keep the libraries' chatter out.
+    # The demo prints its own account of each step (TensorFlow's is kept out by
+    # pacs_classifier.logs for every command); keep the libraries' and roles' lines out.
     for name, level in (
         ("alembic", logging.WARNING),
         ("pynetdicom", logging.ERROR),
         ("pydicom", logging.ERROR),
         ("pacs_classifier.receive", logging.WARNING),
         ("pacs_classifier.preprocess", logging.ERROR),
+        ("pacs_classifier.store", logging.ERROR),
+        ("pacs_classifier.infer", logging.WARNING),
     ):
         logging.getLogger(name).setLevel(level)
     keep = args.workdir is not None

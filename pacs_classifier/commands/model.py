@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_classifier.errors import PermanentError
+from pacs_classifier.times import format_utc
 from pacs_classifier.wiring import load_app
 
 ORDER = 42
@@ -82,7 +83,7 @@ def run_list(args: argparse.Namespace) -> int:
                     f"{r.threshold:.4f}",
                     str(r.image_size),
                     _auc(r.metrics),
-                    r.registered_at.isoformat(timespec="seconds"),
+                    format_utc(r.registered_at),
                 )
                 for r in rows
             ]

@@ -240,6 +240,8 @@ class Worker:
                 log.exception("job %d: unexpected error while preparing", job.id)
                 failures.append((job, _reason(exc), True))
         self.jobs.mark_not_assessed(not_assessed)
+        for job, reason in not_assessed:
+            log.info("job %d (instance %d): not assessed, %s", job.id, job.instance_id, reason)
         self.stats.not_assessed += len(not_assessed)
         self._count_failures(self.jobs.fail(failures))
         self._finish_runs([j for j, _ in not_assessed] + [j for j, _, _ in failures])
@@ -288,9 +290,12 @@ class Worker:
     def record(self, batch: PreparedBatch, probs: npt.NDArray[np.float64]) -> None:
         """Predictions, job states and audit events of one batch, in one transaction."""
         model = batch.model
+        results: list[tuple[ClaimedJob, str, float]] = []
         with self.db.session() as session:
             for job, p in zip(batch.jobs, probs, strict=True):
                 probability = float(p)
+                label = str(label_for(probability, model.threshold))
+                results.append((job, label, probability))
                 pred_id = record_prediction(
                     session,
                     instance_id=job.instance_id,
@@ -307,11 +312,22 @@ class Worker:
                         "duplicate": pred_id is None,
                         "model_version": model.version,
                         "probability": round(probability, 6),
-                        "label": str(label_for(probability, model.threshold)),
+                        "label": label,
                         "threshold": model.threshold,
                         "run_id": job.run_id,
                     },
                 )
+        # Identifiers only: a log line must not carry a patient's name or ID (STYLE.md).
+        for job, label, probability in results:
+            log.info(
+                "job %d (instance %d): %s, p=%.4f (threshold %.4f, model %s)",
+                job.id,
+                job.instance_id,
+                label,
+                probability,
+                model.threshold,
+                model.version,
+            )
         self.stats.done += len(batch.jobs)
         self.stats.batches += 1
         self._finish_runs(batch.jobs)
