@@ -271,7 +271,8 @@ class Demo:
     def wait(self, app: Any, sent: int, timeout_s: float = 600) -> None:
         from sqlalchemy import func, select
 
-        from pacs_classifier.db.models import Job, JobState
+        from pacs_classifier.db.models import Job
+        from pacs_classifier.queue.jobs import OPEN_STATES
 
         _say("waiting for the results")
         deadline = time.monotonic() + timeout_s
@@ -279,9 +280,7 @@ class Demo:
             with app.db.session() as session:
                 total = session.scalar(select(func.count()).select_from(Job)) or 0
                 open_jobs = session.scalar(
-                    select(func.count())
-                    .select_from(Job)
-                    .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+                    select(func.count()).select_from(Job).where(Job.state.in_(OPEN_STATES))
                 )
             if total >= sent and not open_jobs:
                 print(f"all {total} jobs ended")

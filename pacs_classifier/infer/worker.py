@@ -38,7 +38,7 @@ from pacs_classifier.config import Config
 if TYPE_CHECKING:
     from pacs_classifier.wiring import App
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import JobKind
+from pacs_classifier.db.models import JobKind, JobState
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
 from pacs_classifier.infer.registry import active_model
 from pacs_classifier.infer.runtime import Predictor, load_predictor
@@ -255,15 +255,11 @@ class Worker:
 
     def tensor_for(self, job: ClaimedJob, image_size: int) -> npt.NDArray[np.float32]:
         """Eligibility first (metadata), then the pixels; raises NotAssessable."""
-        from pacs_classifier.preprocess import check_eligibility, normalize_dataset
-        from pacs_classifier.preprocess.decode import read_dataset
+        from pacs_classifier.preprocess import serving_tensor
 
-        rules = self.config.eligibility
-        ds = read_dataset(self.resolve(job.file_path))
-        reason = check_eligibility(ds, rules)
-        if reason is not None:
-            raise NotAssessable(reason)
-        return normalize_dataset(ds, image_size, rules=rules)
+        return serving_tensor(
+            self.resolve(job.file_path), image_size, rules=self.config.eligibility
+        )
 
     def resolve(self, file_path: str) -> Path:
         """Instance paths are stored relative to the storage root (or absolute)."""
@@ -357,7 +353,7 @@ class Worker:
 
     def _count_failures(self, outcomes: list[Any]) -> None:
         for o in outcomes:
-            if o.state == "failed":
+            if o.state == JobState.FAILED:
                 self.stats.failed += 1
             else:
                 self.stats.retried += 1
