@@ -8,8 +8,11 @@ imported. It
 - sends Python warnings through logging, so a library's ``UserWarning`` is one log line,
   not a raw warning with a source line under it;
 - stops pydicom validating values as it reads them: it warns, and logs, each time an
-  element is read, so one odd UID gave ten lines per instance. The listener checks the
-  values it relies on itself (``receive.inspect.check_uid``) and warns once per instance;
+  element is read, so one odd UID gave ten lines per instance; pynetdicom's own
+  complaints about the same UID are dropped too. The listener checks the values it relies
+  on itself (``receive.inspect.check_uid``) and the ingest warns once per instance;
+- keeps pynetdicom's per-association and per-message INFO lines out (WARNING and above
+  stay); ``--verbose`` shows them;
 - keeps TensorFlow's native logging out of the terminal. Since TensorFlow 2.20 it logs
   through absl before ``absl::InitializeLog()``, which no setting silences:
   ``TF_CPP_MIN_LOG_LEVEL`` does not reach those lines, and ``CUDA_VISIBLE_DEVICES=-1``
@@ -80,7 +83,17 @@ def setup(*, verbose: bool, program: bool) -> None:
         # lines already say (models loading, functions retracing).
         for name in ("tensorflow", "absl", "h5py", "tf2onnx"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # pynetdicom logs every association and every C-STORE at INFO; the listener logs
+        # what was stored, and the audit trail has the associations.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom warns about a non-conformant UID each time it reads one (twice per
+    # C-STORE); the ingest warns once per instance and audits it.
+    logging.getLogger("pynetdicom.utils").addFilter(_not_a_uid_complaint)
     _quiet_pydicom()
+
+
+def _not_a_uid_complaint(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Non-conformant '")
 
 
 def _quiet_pydicom() -> None:
