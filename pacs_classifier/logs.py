@@ -65,18 +65,24 @@ def setup(*, verbose: bool, program: bool) -> None:
     """Configure logging and the libraries' output, before any command runs.
 
     ``program``: this process is the ``pacs-classifier`` program itself, so it may take
-    over its standard error (a test calling ``cli.main`` must keep pytest's capture).
+    over its standard error, logging and the libraries' settings. A caller running
+    ``cli.main`` inside its own process (a test) keeps all of that as it was, as
+    ``logging.basicConfig`` would: it only gets a handler if it has none.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
-    if program and not verbose:
-        _filter_native_stderr()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(UTCFormatter(FORMAT))
     root = logging.getLogger()
+    level = logging.DEBUG if verbose else logging.INFO
+    if not program:
+        if not root.handlers:
+            root.addHandler(_handler())
+            root.setLevel(level)
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    if not verbose:
+        _filter_native_stderr()  # first: the handler writes to the new sys.stderr
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.addHandler(_handler())
+    root.setLevel(level)
     logging.captureWarnings(True)
     if not verbose:
         # TensorFlow's and absl's Python loggers repeat, at INFO/WARNING, what our own
@@ -90,6 +96,12 @@ def setup(*, verbose: bool, program: bool) -> None:
     # C-STORE); the ingest warns once per instance and audits it.
     logging.getLogger("pynetdicom.utils").addFilter(_not_a_uid_complaint)
     _quiet_pydicom()
+
+
+def _handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(UTCFormatter(FORMAT))
+    return handler
 
 
 def _not_a_uid_complaint(record: logging.LogRecord) -> bool:
