@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from pacs_classifier import __version__, commands
+from pacs_classifier import __version__, commands, logs
 from pacs_classifier.errors import PacsClassifierError, PermanentError
 
 EXIT_OK = 0
@@ -56,13 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. ``argv`` None: this process is the program (see :func:`logs.setup`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(verbose=args.verbose, program=argv is None)
     try:
         return int(args.func(args))
     except PacsClassifierError as exc:

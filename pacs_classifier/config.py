@@ -146,14 +146,23 @@ _RUNTIMES = ("auto", "keras", "onnx", "tflite-int8")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for another database or an in-memory one."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(str(parsed.database))
+
+
 def resolve_database_url(url: str, base_dir: Path) -> str:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        db = parsed.database
-        if db and db != ":memory:" and not Path(db).is_absolute():
-            parsed = parsed.set(database=str(base_dir / db))
+    db = sqlite_path(url)
+    if db is not None and not db.is_absolute():
+        parsed = parsed.set(database=str(base_dir / db))
     password = os.environ.get(ENV_DB_PASSWORD)
     if password:
         parsed = parsed.set(password=password)

@@ -36,7 +36,7 @@ from pacs_classifier.db.models import (
 )
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.infer.registry import active_model
-from pacs_classifier.queue.jobs import enqueue
+from pacs_classifier.queue.jobs import OPEN_STATES, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def select_instances(
         .where(
             ~exists().where(
                 Job.instance_id == Instance.id,
-                Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+                Job.state.in_(OPEN_STATES),
             )
         )
         .order_by(Instance.id)
@@ -160,7 +160,7 @@ def _update_run(session: Session, run_id: int, actor: str) -> None:
     pending = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.run_id == run_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+        .where(Job.run_id == run_id, Job.state.in_(OPEN_STATES))
     )
     done = session.scalar(
         select(func.count()).select_from(Prediction).where(Prediction.run_id == run_id)

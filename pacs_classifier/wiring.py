@@ -10,7 +10,6 @@ import argparse
 import logging
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pacs_classifier.config import Config, load_config
@@ -36,25 +35,23 @@ class App:
 
     def checked_db(self) -> Database:
         """The database, after checking its schema is at head (``serve`` and friends)."""
-        from sqlalchemy.engine import make_url
         from sqlalchemy.exc import OperationalError
 
-        from pacs_classifier.errors import DatabaseUnavailable, SchemaOutdated
+        from pacs_classifier.config import sqlite_path
+        from pacs_classifier.db.engine import unavailable
+        from pacs_classifier.errors import SchemaOutdated
 
         # Connecting would create an empty SQLite file: a stray file in the wrong folder
         # is worse than saying where the database was expected.
-        url = make_url(self.config.database_url)
-        sqlite_file = url.database if url.get_backend_name() == "sqlite" else None
-        if sqlite_file not in (None, "", ":memory:") and not Path(str(sqlite_file)).exists():
+        sqlite_file = sqlite_path(self.config.database_url)
+        if sqlite_file is not None and not sqlite_file.exists():
             raise SchemaOutdated(
                 f"database file {sqlite_file} does not exist; run 'pacs-classifier db upgrade'"
             )
         try:
             require_head(self.db.engine)
         except OperationalError as exc:
-            raise DatabaseUnavailable(
-                f"database unavailable: {str(exc.orig).strip().splitlines()[0]}"
-            ) from exc
+            raise unavailable(exc) from exc
         return self.db
 
     @cached_property

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, then run every check the project holds itself to:
-# ruff (lint and format), mypy (strict) and pytest. Arguments go to pytest.
+# ruff (lint and format), mypy (strict), the import layers (import-linter) and pytest. Arguments go to pytest.
 # Exits non-zero if any check fails; all of them run either way.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -19,6 +19,7 @@ check() {
 check "ruff check" .venv/bin/ruff check .
 check "ruff format" .venv/bin/ruff format --check .
 check "mypy" .venv/bin/mypy
+check "import layers" .venv/bin/lint-imports
 
 echo "== pytest" >&2
 log=$(mktemp)

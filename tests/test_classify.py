@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from pipeline_support import Bundles, cli, make_config, write_config_file
@@ -14,6 +15,14 @@ from pacs_classifier.infer.registry import register_bundle
 
 CHEST = "chest_sc_mono2_8bit_jpeg_baseline.dcm"
 LEG = "leg_cr_mono1_10bit_j2k_lossless.dcm"
+#: SOP Instance UID 999.999.01.23.45.6789: a component with a leading zero.
+ODD_UID = "dental_cr_mono1_jpeg_lossless_modality_lut.dcm"
+#: Our log lines (pacs_classifier.logs); anything else on stderr is chatter.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def chatter(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not LOG_LINE.match(line)]
 
 
 def test_classify_prints_one_row_per_file(
@@ -33,6 +42,7 @@ def test_classify_prints_one_row_per_file(
         "json",
     )
     assert out.returncode == 0, out.stderr
+    assert chatter(out.stderr) == []  # TensorFlow ran: none of its native lines show
     rows = json.loads(out.stdout)
     assert [Path(r["file"]).name for r in rows] == [CHEST, LEG, jpeg.name]
     assert [r["label"] for r in rows] == ["PNEUMONIA", "not_assessed", "PNEUMONIA"]
@@ -81,3 +91,24 @@ def test_classify_record_stores_and_classifies_through_the_queue(
     assert [p.instance_id for p in preds] == [instances[0].id]
     assert {("job.classify", "done"), ("job.classify", "not_assessed")} <= actions
     assert ("store", "stored") in actions
+
+
+def test_classify_record_warns_once_for_a_non_conformant_uid(
+    sqlite_url: str, tmp_path: Path, dicom_dir: Path, tiny_bundles: Bundles
+) -> None:
+    config = make_config(tmp_path, sqlite_url)
+    db = Database(sqlite_url)
+    try:
+        register_bundle(db, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
+    finally:
+        db.dispose()
+    cfg = write_config_file(tmp_path / "config.toml", config)
+    out = cli(cfg, "classify", "--record", str(dicom_dir / ODD_UID))
+    assert out.returncode == 0, out.stderr
+    assert chatter(out.stderr) == []  # no raw UserWarning, no pydicom lines
+    warnings = [line for line in out.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, out.stderr
+    assert "999.999.01.23.45.6789: SOPInstanceUID not conformant" in warnings[0]
+    # The worker logs each result at INFO, with identifiers only.
+    (result,) = [line for line in out.stderr.splitlines() if "): not assessed, " in line]
+    assert "not_a_chest_radiograph" in result

@@ -118,6 +118,13 @@ def test_bad_config_is_one_line_and_exit_2(
     assert expected in _one_error_line(proc)
 
 
+@pytest.mark.parametrize("args", [[], ["some/dir", "--reference"]])
+def test_model_register_wants_a_folder_or_reference(tmp_path: Path, args: list[str]) -> None:
+    proc = _run(["model", "register", *args], tmp_path)
+    assert "DIR or --reference" in _one_error_line(proc)
+    assert proc.returncode == 2
+
+
 def test_missing_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = _run(["--config", "nope.toml", "status"], tmp_path)
     assert proc.returncode == 2

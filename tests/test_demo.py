@@ -49,6 +49,12 @@ def test_demo_trains_serves_the_reference_model_and_prints_reports(tmp_path: Pat
     ):
         assert section in out
     assert "status 0x0000" in out
+    # The results name the file each instance was sent from, beside the deciding threshold.
+    assert f"model {reference}: PNEUMONIA when probability >= threshold 0." in out
+    results = out.split("== v_latest_predictions")[1].split("== report")[0]
+    assert "normal_IM-" in results and "pneumonia_person" in results
+    assert "validation AUC" in out
+    assert proc.stderr == "", proc.stderr  # no log lines, no library chatter
     assert "0xa700" not in out.lower()  # no C-STORE was refused for want of resources
 
     (db_file,) = workdir.rglob("*.sqlite3")

@@ -47,7 +47,7 @@ RESULTS_VIEW = "v_results"
 
 
 def results_view_sql(dialect: str) -> str:
-    """Frozen copy of ``db.models.results_view_sql`` (one row per instance version).
+    """The view's only definition (one row per instance version): its day, turnaround, result.
 
     The only dialect-specific parts are the day and the seconds between two timestamps;
     they live here so the reporting SQL on top of this view is the same on both databases.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pacs_classifier.db.models import JobState
 from pacs_classifier.errors import NotAssessable, PermanentError
 from pacs_classifier.report.queries import Result, render
 from pacs_classifier.wiring import App, load_app
@@ -71,8 +72,7 @@ def classify_now(app: App, paths: list[Path], model_dir: Path | None) -> list[Ro
     import numpy as np
 
     from pacs_classifier.infer.runtime import load_predictor
-    from pacs_classifier.preprocess import check_eligibility, normalize_dataset, normalize_file
-    from pacs_classifier.preprocess.decode import read_dataset, sniff
+    from pacs_classifier.preprocess import serving_tensor
     from pacs_classifier.record.predictions import label_for
 
     if model_dir is None:
@@ -89,16 +89,9 @@ def classify_now(app: App, paths: list[Path], model_dir: Path | None) -> list[Ro
     rows: list[Row] = []
     for path in paths:
         try:
-            if sniff(path) == "dicom":
-                ds = read_dataset(path)
-                reason = check_eligibility(ds, rules)
-                if reason is not None:
-                    raise NotAssessable(reason)
-                tensor = normalize_dataset(ds, size, rules=rules)
-            else:
-                tensor = normalize_file(path, size, rules=rules)
+            tensor = serving_tensor(path, size, rules=rules)
         except NotAssessable as exc:
-            rows.append(Row(str(path), "not_assessed", None, exc.reason))
+            rows.append(Row(str(path), JobState.NOT_ASSESSED.value, None, exc.reason))
             continue
         p = float(predictor.predict(np.expand_dims(tensor, 0))[0])
         rows.append(Row(str(path), str(label_for(p, threshold)), p))
@@ -111,6 +104,7 @@ def record(app: App, paths: list[Path]) -> list[Row]:
 
     from pacs_classifier.db.models import Job, Prediction
     from pacs_classifier.infer.worker import Worker
+    from pacs_classifier.queue.jobs import OPEN_STATES
     from pacs_classifier.store.ingest import Ingestor
 
     db = app.checked_db()
@@ -120,8 +114,8 @@ def record(app: App, paths: list[Path]) -> list[Row]:
     actor = f"cli:{getpass.getuser()}"
     stored: dict[str, int | None] = {}
     for path in paths:
-        tmp, meta = _as_received(path, storage)
-        result = ingestor.ingest(tmp, meta, actor=actor, calling_ae=None)
+        tmp, meta, warnings = _as_received(path, storage)
+        result = ingestor.ingest(tmp, meta, actor=actor, calling_ae=None, warnings=warnings)
         stored[str(path)] = result.job_id
     job_ids = [j for j in stored.values() if j is not None]
     if job_ids:
@@ -129,7 +123,7 @@ def record(app: App, paths: list[Path]) -> list[Row]:
         def ended() -> bool:
             with db.session() as session:
                 states = session.execute(select(Job.state).where(Job.id.in_(job_ids))).scalars()
-                return all(s not in ("queued", "running") for s in states)
+                return all(s not in OPEN_STATES for s in states)
 
         Worker(db, app.config, job_ids=job_ids).drain(until=ended)
     rows: list[Row] = []
@@ -146,13 +140,14 @@ def record(app: App, paths: list[Path]) -> list[Row]:
                 rows.append(Row(file, str(pred.label), pred.probability))
             else:
                 rows.append(
-                    Row(file, str(job.state) if job else "?", None, job.reason if job else None)
+                    Row(file, job.state.value if job else "?", None, job.reason if job else None)
                 )
     return rows
 
 
-def _as_received(path: Path, storage: Any) -> tuple[Path, Any]:
-    """A Part 10 copy in the storage's temporary folder and its metadata, as C-STORE has."""
+def _as_received(path: Path, storage: Any) -> tuple[Path, Any, tuple[str, ...]]:
+    """A Part 10 copy in the storage's temporary folder, its metadata and its UID
+    warnings, as C-STORE has them."""
     from pydicom.uid import UID
 
     from pacs_classifier.preprocess.decode import read_dataset, sniff
@@ -165,8 +160,8 @@ def _as_received(path: Path, storage: Any) -> tuple[Path, Any]:
     ds.save_as(tmp, enforce_file_format=True)
     syntax = str(ds.file_meta.TransferSyntaxUID)
     try:
-        meta, _warnings = inspect_received(tmp, syntax, str(UID(ds.SOPClassUID)))
+        meta, warnings = inspect_received(tmp, syntax, str(UID(ds.SOPClassUID)))
     except CannotUnderstand as exc:
         storage.discard(tmp)
         raise PermanentError(f"{path}: {exc}") from None
-    return tmp, meta
+    return tmp, meta, tuple(warnings)

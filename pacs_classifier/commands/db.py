@@ -7,8 +7,9 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from pacs_classifier.config import sqlite_path
 from pacs_classifier.db import migrate
-from pacs_classifier.errors import DatabaseUnavailable
+from pacs_classifier.db.engine import unavailable
 from pacs_classifier.wiring import load_app
 
 ORDER = 10
@@ -25,18 +26,15 @@ def register(sub: Any) -> None:
 def run_upgrade(args: argparse.Namespace) -> int:
     app = load_app(args)
     url = app.config.database_url
-    if app.config.database_url.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    sqlite_file = sqlite_path(url)
+    if sqlite_file is not None:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
     try:
         before = migrate.current_revision(app.db.engine)
         migrate.upgrade(url, args.revision)
         current = migrate.current_revision(app.db.engine)
     except OperationalError as exc:
-        raise DatabaseUnavailable(
-            f"database unavailable: {str(exc.orig).strip().splitlines()[0]}"
-        ) from exc
+        raise unavailable(exc) from exc
     finally:
         app.close()
     if before == current:

@@ -7,6 +7,8 @@ import getpass
 from pathlib import Path
 from typing import Any
 
+from pacs_classifier.errors import PermanentError
+from pacs_classifier.times import format_utc
 from pacs_classifier.wiring import load_app
 
 ORDER = 42
@@ -16,7 +18,12 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("model", help="the model registry")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     reg = msub.add_parser("register", help="check a bundle and copy it into model.dir")
-    reg.add_argument("dir", type=Path, help="bundle folder")
+    reg.add_argument("dir", type=Path, nargs="?", help="bundle folder")
+    reg.add_argument(
+        "--reference",
+        action="store_true",
+        help="the reference model shipped with the package, instead of DIR",
+    )
     reg.add_argument("--activate", action="store_true", help="make it the active model")
     reg.add_argument(
         "--no-export",
@@ -37,13 +44,17 @@ def actor() -> str:
 
 
 def run_register(args: argparse.Namespace) -> int:
+    from pacs_classifier import REFERENCE_MODEL_DIR
     from pacs_classifier.infer.registry import register_bundle
 
+    if (args.dir is None) == (not args.reference):
+        raise PermanentError("model register: give a bundle folder DIR or --reference, not both")
+    bundle = REFERENCE_MODEL_DIR if args.reference else args.dir
     app = load_app(args)
     try:
         row = register_bundle(
             app.checked_db(),
-            args.dir,
+            bundle,
             app.config.model_dir,
             actor=actor(),
             activate=args.activate,
@@ -72,7 +83,7 @@ def run_list(args: argparse.Namespace) -> int:
                     f"{r.threshold:.4f}",
                     str(r.image_size),
                     _auc(r.metrics),
-                    r.registered_at.isoformat(timespec="seconds"),
+                    format_utc(r.registered_at),
                 )
                 for r in rows
             ]

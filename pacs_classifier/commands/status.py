@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from pacs_classifier.config import Config
 from pacs_classifier.db.models import Job, JobKind, JobState, Model, ReclassificationRun
+from pacs_classifier.times import format_utc
 from pacs_classifier.wiring import load_app
 
 ORDER = 20
@@ -154,4 +155,4 @@ def _jobs_table(jobs: dict[tuple[str, str], int]) -> list[str]:
 
 
 def _time(value: datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%SZ")
+    return format_utc(value)

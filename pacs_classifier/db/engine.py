@@ -112,7 +112,7 @@ class Database:
         try:
             yield
         except OperationalError as exc:
-            raise DatabaseUnavailable(f"database unavailable: {_short(exc)}") from exc
+            raise unavailable(exc) from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise DatabaseUnavailable(f"database connection lost: {_short(exc)}") from exc
@@ -120,6 +120,11 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def unavailable(exc: DBAPIError) -> DatabaseUnavailable:
+    """The one-line error for a database that cannot be reached or used."""
+    return DatabaseUnavailable(f"database unavailable: {_short(exc)}")
 
 
 def _short(exc: DBAPIError) -> str:

@@ -12,7 +12,11 @@ from sqlalchemy import Engine
 
 from pacs_classifier.errors import SchemaOutdated
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: The Alembic scripts. The folder engineers edit is the repository's top-level
+#: ``migrations/`` (the layout SPEC §1 asks for); ``db/migrations`` is a symbolic link to it,
+#: so the same path works from a checkout, an editable install and a wheel, which ships the
+#: scripts as package data (the build copies the files behind the link).
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(url: str) -> AlembicConfig:

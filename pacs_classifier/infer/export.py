@@ -101,8 +101,14 @@ def export_runtimes(
     if not force and (kept := _current_record(info, runtimes)) is not None:
         log.info("runtimes of %s already exported and intact", info.version)
         return kept
+    log.info(
+        "exporting %s to %s (each is checked against Keras; a minute or two)",
+        info.version,
+        ", ".join(runtimes),
+    )
     keras_pred = KerasPredictor(info)
     inputs = parity_inputs(info, max_images)
+    log.info("Keras reference on %d parity images", len(inputs.x))
     ref, keras_speed = _timed_predict(keras_pred, inputs.x)
     record: dict[str, Any] = {
         "format": RUNTIMES_FORMAT,
@@ -258,6 +264,7 @@ def _export_and_check(
     file = info.path / EXPORTED_FILES[name]
     entry: dict[str, Any] = {"file": file.name, "usable": False}
     started = time.perf_counter()
+    log.info("converting %s to %s", info.version, name)
     try:
         data = _CONVERTERS[name](model, info.image_size)
         _write_atomic_bytes(file, data)
@@ -279,6 +286,8 @@ def _export_and_check(
     entry["usable"] = entry["parity"]["passed"]
     if not entry["usable"]:
         log.warning("%s of %s failed its parity check: %s", name, info.version, entry["parity"])
+    else:
+        log.info("%s passed its parity check (%s images/s)", name, speed or "?")
     return entry
 
 

@@ -42,6 +42,7 @@ def register_bundle(
     check (:mod:`pacs_classifier.infer.export`, a minute or two per model); a failure there
     is logged and audited, and the model is registered for Keras regardless.
     """
+    log.info("checking the bundle in %s", source)
     info = read_bundle(source)
     with db.session() as session:
         existing = session.execute(
@@ -56,6 +57,7 @@ def register_bundle(
                 _activate(session, existing, actor)
             return existing
     dest = _install(info, model_dir)
+    log.info("model %s copied to %s", info.version, dest)
     runtimes = _export_runtimes(dest) if export else None
     try:
         with db.session() as session:

@@ -38,7 +38,7 @@ from pacs_classifier.config import Config
 if TYPE_CHECKING:
     from pacs_classifier.wiring import App
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import JobKind
+from pacs_classifier.db.models import JobKind, JobState
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
 from pacs_classifier.infer.registry import active_model
 from pacs_classifier.infer.runtime import Predictor, load_predictor
@@ -240,6 +240,8 @@ class Worker:
                 log.exception("job %d: unexpected error while preparing", job.id)
                 failures.append((job, _reason(exc), True))
         self.jobs.mark_not_assessed(not_assessed)
+        for job, reason in not_assessed:
+            log.info("job %d (instance %d): not assessed, %s", job.id, job.instance_id, reason)
         self.stats.not_assessed += len(not_assessed)
         self._count_failures(self.jobs.fail(failures))
         self._finish_runs([j for j, _ in not_assessed] + [j for j, _, _ in failures])
@@ -253,15 +255,11 @@ class Worker:
 
     def tensor_for(self, job: ClaimedJob, image_size: int) -> npt.NDArray[np.float32]:
         """Eligibility first (metadata), then the pixels; raises NotAssessable."""
-        from pacs_classifier.preprocess import check_eligibility, normalize_dataset
-        from pacs_classifier.preprocess.decode import read_dataset
+        from pacs_classifier.preprocess import serving_tensor
 
-        rules = self.config.eligibility
-        ds = read_dataset(self.resolve(job.file_path))
-        reason = check_eligibility(ds, rules)
-        if reason is not None:
-            raise NotAssessable(reason)
-        return normalize_dataset(ds, image_size, rules=rules)
+        return serving_tensor(
+            self.resolve(job.file_path), image_size, rules=self.config.eligibility
+        )
 
     def resolve(self, file_path: str) -> Path:
         """Instance paths are stored relative to the storage root (or absolute)."""
@@ -288,9 +286,12 @@ class Worker:
     def record(self, batch: PreparedBatch, probs: npt.NDArray[np.float64]) -> None:
         """Predictions, job states and audit events of one batch, in one transaction."""
         model = batch.model
+        results: list[tuple[ClaimedJob, str, float]] = []
         with self.db.session() as session:
             for job, p in zip(batch.jobs, probs, strict=True):
                 probability = float(p)
+                label = str(label_for(probability, model.threshold))
+                results.append((job, label, probability))
                 pred_id = record_prediction(
                     session,
                     instance_id=job.instance_id,
@@ -307,11 +308,22 @@ class Worker:
                         "duplicate": pred_id is None,
                         "model_version": model.version,
                         "probability": round(probability, 6),
-                        "label": str(label_for(probability, model.threshold)),
+                        "label": label,
                         "threshold": model.threshold,
                         "run_id": job.run_id,
                     },
                 )
+        # Identifiers only: a log line must not carry a patient's name or ID (STYLE.md).
+        for job, label, probability in results:
+            log.info(
+                "job %d (instance %d): %s, p=%.4f (threshold %.4f, model %s)",
+                job.id,
+                job.instance_id,
+                label,
+                probability,
+                model.threshold,
+                model.version,
+            )
         self.stats.done += len(batch.jobs)
         self.stats.batches += 1
         self._finish_runs(batch.jobs)
@@ -341,7 +353,7 @@ class Worker:
 
     def _count_failures(self, outcomes: list[Any]) -> None:
         for o in outcomes:
-            if o.state == "failed":
+            if o.state == JobState.FAILED:
                 self.stats.failed += 1
             else:
                 self.stats.retried += 1

@@ -2,7 +2,8 @@
 
 ``normalize_file`` turns a DICOM, JPEG or PNG file into an InceptionV3 input;
 ``check_eligibility`` decides from metadata alone whether a data set is a chest
-radiograph to classify; ``unit_to_tensor`` is the shared tail from a [0, 1] image.
+radiograph to classify; ``serving_tensor`` is both in the order serving applies them
+(the worker and ``classify``); ``unit_to_tensor`` is the shared tail from a [0, 1] image.
 Reason codes live in ``preprocess.reasons``.
 """
 
@@ -13,6 +14,7 @@ from pacs_classifier.preprocess.normalize import (
     file_to_unit,
     normalize_dataset,
     normalize_file,
+    serving_tensor,
 )
 from pacs_classifier.preprocess.tensor import unit_to_tensor
 
@@ -23,5 +25,6 @@ __all__ = [
     "normalize_dataset",
     "normalize_file",
     "reasons",
+    "serving_tensor",
     "unit_to_tensor",
 ]

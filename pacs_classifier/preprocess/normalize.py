@@ -50,6 +50,24 @@ def file_to_unit(
     return dataset_to_unit(decode.read_dataset(file), rules)
 
 
+def serving_tensor(
+    path: str | PathLike[str], image_size: int, *, rules: EligibilityConfig
+) -> NDArray[np.float32]:
+    """The serving step for one stored or given file, written once for the worker and
+    ``classify``: a DICOM file's eligibility (metadata) first, then its pixels; a
+    JPEG/PNG, which has no metadata, only its pixels. Raises ``NotAssessable(reason)``."""
+    from pacs_classifier.preprocess.eligibility import check_eligibility
+
+    file = Path(path)
+    if decode.sniff(file) == "image":
+        return normalize_file(file, image_size, rules=rules)
+    ds = decode.read_dataset(file)
+    reason = check_eligibility(ds, rules)
+    if reason is not None:
+        raise NotAssessable(reason)
+    return normalize_dataset(ds, image_size, rules=rules)
+
+
 def normalize_dataset(
     ds: Dataset, image_size: int = 299, *, rules: EligibilityConfig | None = None
 ) -> NDArray[np.float32]:

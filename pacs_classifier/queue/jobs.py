@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: States a job never leaves.
 TERMINAL_STATES = (JobState.DONE, JobState.NOT_ASSESSED, JobState.FAILED)
+#: A job in one of these states has not ended yet.
+OPEN_STATES = (JobState.QUEUED, JobState.RUNNING)
 #: ``jobs.reason`` is free text; keep it short enough to group by in reports.
 MAX_REASON_CHARS = 300
 

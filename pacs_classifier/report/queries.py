@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from pacs_classifier.db.models import UTCDateTime
 from pacs_classifier.errors import PermanentError
+from pacs_classifier.times import format_sql_time, format_utc
 
 FORMATS = ("table", "csv", "json")
 #: Bounds used when --since/--until are not given: the query text stays the same.
@@ -117,10 +118,12 @@ def run(
 
 
 def _plain(value: Any) -> Any:
-    """One representation on both databases: times as UTC text, decimals as floats."""
+    """One representation on both databases: times as UTC text with its zone (SQLite
+    hands them over as text already), decimals as floats."""
     if isinstance(value, datetime):
-        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return format_utc(value, "microseconds")
+    if isinstance(value, str):
+        return format_sql_time(value)
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):

@@ -384,6 +384,12 @@ class Ingestor:
             },
         )
         if warnings:
+            log.warning(
+                "instance %s: %s not conformant (a component with a leading zero); "
+                "accepted and audited",
+                meta.sop_instance_uid,
+                ", ".join(warnings),
+            )
             append_event(
                 session,
                 actor=actor,
