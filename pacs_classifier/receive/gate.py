@@ -88,15 +88,24 @@ class Refusal:
     outcome: str  # "refused" | "rejected" | "aborted"
     reason: str
     detail: dict[str, Any] = field(default_factory=dict)
+    #: The calling AE title, when the request had a valid one (the audit actor).
+    calling_ae: str | None = None
 
 
 class _Dropped(Exception):
     """A connection that ends before pynetdicom sees it; ``reason`` None: quietly."""
 
-    def __init__(self, reason: str | None, outcome: str = "aborted", **detail: Any) -> None:
+    def __init__(
+        self,
+        reason: str | None,
+        outcome: str = "aborted",
+        actor_ae: str | None = None,
+        **detail: Any,
+    ) -> None:
         super().__init__(reason or "closed")
         self.reason = reason
         self.outcome = outcome
+        self.actor_ae = actor_ae
         self.detail = detail
 
 
@@ -277,7 +286,9 @@ class GatedServer(ThreadedAssociationServer):
             refusal.reason,
             f" (and {skipped} more in the last minute)" if skipped else "",
         )
-        self.report(Refusal(refusal.peer, refusal.outcome, refusal.reason, detail))
+        self.report(
+            Refusal(refusal.peer, refusal.outcome, refusal.reason, detail, refusal.calling_ae)
+        )
 
     # ----------------------------------------------------------- connection thread
 
@@ -288,7 +299,6 @@ class GatedServer(ThreadedAssociationServer):
         if conn is None:  # evicted before this thread started
             self.shutdown_request(request)
             return
-        sock: socket.socket = request
         try:
             sock, pdu = self._read_request(conn)
             try:
@@ -303,12 +313,13 @@ class GatedServer(ThreadedAssociationServer):
                 pass  # reported when it was closed
             elif exc.reason is not None:
                 detail = {"called_ae": None, "calling_ae": None, **exc.detail}
-                self._report(Refusal(conn.peer, exc.outcome, exc.reason, detail))
+                self._report(Refusal(conn.peer, exc.outcome, exc.reason, detail, exc.actor_ae))
             else:
                 log.debug("connection from %s closed before a request", conn.peer)
-            self.shutdown_request(sock)
         finally:
             conn.settled = True
+            if conn.assoc is None:  # pynetdicom never got it: ours to close
+                self.shutdown_request(conn.sock)
 
     def _read_request(self, conn: _Conn) -> tuple[socket.socket, bytes]:
         deadline = conn.opened + self.limits.handshake_timeout_s
@@ -360,7 +371,8 @@ class GatedServer(ThreadedAssociationServer):
         if rj is None:
             return
         _send_quietly(sock, rj_pdu(*rj))
-        raise _Dropped(why, outcome="rejected", **names)
+        valid_calling = calling.decode("ascii").strip() if check_ae_bytes(calling) is None else None
+        raise _Dropped(why, outcome="rejected", actor_ae=valid_calling, **names)
 
     def server_close(self) -> None:
         """Stop serving; connections still before their request are closed now."""

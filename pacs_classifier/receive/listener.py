@@ -192,7 +192,7 @@ def report_refusal(ctx: HandlerContext, refusal: Refusal) -> None:
     """Audit a connection the gate turned away (queued: the gate never waits)."""
     detail: dict[str, Any] = {**refusal.detail, "peer_address": refusal.peer}
     detail["reason"] = refusal.reason
-    calling = str(detail.get("calling_ae") or "").strip() or "?"
+    calling = refusal.calling_ae or "?"
     ctx.audit.submit(
         PendingEvent(
             actor=f"ae:{calling}@{refusal.peer}"[:128],
@@ -204,9 +204,12 @@ def report_refusal(ctx: HandlerContext, refusal: Refusal) -> None:
 
 
 def _association_detail(assoc: Any) -> dict[str, Any]:
+    # The called AE title the peer asked for (ours is assoc.acceptor.ae_title).
+    request = assoc.requestor.primitive
+    called = getattr(request, "called_ae_title", None) or assoc.acceptor.ae_title
     return {
         "calling_ae": str(assoc.requestor.ae_title or "").strip(),
-        "called_ae": str(assoc.acceptor.ae_title or "").strip(),
+        "called_ae": str(called or "").strip(),
         "peer_address": assoc.requestor.address,
         "peer_port": assoc.requestor.port,
     }

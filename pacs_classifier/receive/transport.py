@@ -366,8 +366,26 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     self._recv_pdu.put(pdu)
 
 
+#: Longer than any UID field a PDU can carry sensibly; a value beyond it is refused.
+_MAX_UID_TEXT = 1024
+
+
+def lenient_uid(value: str) -> tuple[bool, str]:
+    """pynetdicom's UI validator, lenient: a bad UID in a request gets a status from us.
+
+    pynetdicom's own refuses a UID over 64 characters while it decodes the DIMSE
+    command set, and the exception aborts the association with no status and nothing
+    audited. Accepted here, the request reaches the C-STORE handler, whose UID checks
+    (``store.storage.check_uid``) answer 0xC000 and audit the reason.
+    """
+    if len(value) > _MAX_UID_TEXT:
+        return False, f"must not exceed {_MAX_UID_TEXT} characters"
+    return True, ""
+
+
 def configure_pynetdicom() -> None:
     """Apply the module's settings (process-wide, idempotent)."""
+    _config.VALIDATORS["UI"] = lenient_uid
     _config.STORE_RECV_CHUNKED_DATASET = True
     # pynetdicom names NamedTemporaryFile in its module; its default folder would be
     # the system's, another file system perhaps, and never cleaned after a crash.
