@@ -249,6 +249,7 @@ def test_handshake_deadline_and_network_timeout_close_silent_peers(
         ae.add_requested_context(ComputedRadiographyImageStorage)
         assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
         assert assoc.is_established
+        assert assoc.dul.socket is not None
         raw = assoc.dul.socket.socket
         assert raw is not None
         raw.sendall(bytes.fromhex("040000001000") + b"\x00" * 100)  # 4 KiB P-DATA, 100 B sent
@@ -310,6 +311,7 @@ def _oversized_pdu(port: int) -> Any:
     ae.add_requested_context(ComputedRadiographyImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
     assert assoc.is_established
+    assert assoc.dul.socket is not None
     raw = assoc.dul.socket.socket
     assert raw is not None
     # A 256 MiB P-DATA-TF after we announced 128 KiB: refused from its header.
