@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -448,3 +449,61 @@ def test_multi_valued_patient_id_is_stored_as_the_dicom_value(
         assert send(listener.address[1], [ds]) == [statuses.SUCCESS]
         with app.db.session() as s:
             assert s.execute(select(Instance.patient_id)).scalar_one() == "\\12345"
+
+
+# ------------------------------------------------------------------ serve start-up
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({}, "listener.host/port: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        (
+            {"PACS_CLASSIFIER__LISTENER__HOST": "192.0.2.1"},  # TEST-NET-1: not ours
+            "listener.host/port: cannot listen on 192.0.2.1:{port}: Cannot assign requested",
+        ),
+        (
+            {"PACS_CLASSIFIER__LISTENER__HOST": "no-such-host.invalid"},
+            "listener.host/port: cannot listen on no-such-host.invalid:{port}: ",
+        ),
+        (
+            {"PACS_CLASSIFIER__STORAGE__ROOT": "/proc/pacs"},
+            "storage.root: cannot use /proc/pacs: ",
+        ),
+        ({"PACS_CLASSIFIER__LISTENER__HOST": '""'}, "listener.host: must not be empty"),
+    ],
+)
+def test_serve_start_up_failures_are_one_line(
+    tmp_path: Path, sqlite_url: str, override: dict[str, str], expected: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[database]\nurl = "{sqlite_url}"\n[storage]\nroot = "dicom"\nmin_free_mb = 0\n'
+            f"[listener]\nport = {port}\n"
+        )
+        env = {**os.environ, **override}
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pacs_classifier",
+                "--config",
+                str(config),
+                "serve",
+                "--roles",
+                "listener",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"pacs-classifier: error: {expected.format(port=port)}"), lines

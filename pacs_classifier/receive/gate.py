@@ -206,6 +206,13 @@ class GatedServer(ThreadedAssociationServer):
     #: True while new associations must be refused (the audit trail cannot keep up).
     refuse_new: Callable[[], bool]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before pynetdicom's __init__ binds: a failed bind calls server_close.
+        self._lock = threading.Lock()
+        self._conns: list[_Conn] = []
+        self._reported: dict[tuple[str, str], tuple[float, int]] = {}
+        super().__init__(*args, **kwargs)
+
     def configure(
         self,
         limits: GateLimits,
@@ -215,9 +222,6 @@ class GatedServer(ThreadedAssociationServer):
         self.limits = limits
         self.report = report
         self.refuse_new = refuse_new
-        self._lock = threading.Lock()
-        self._conns: list[_Conn] = []
-        self._reported: dict[tuple[str, str], tuple[float, int]] = {}
 
     # ----------------------------------------------------------- accept thread
 

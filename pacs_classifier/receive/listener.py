@@ -413,8 +413,17 @@ class Listener:
         return ae
 
     def start(self) -> None:
-        """Open the storage, settle what a crash left, bind the port and serve."""
-        self.ctx.storage.open()
+        """Open the storage, settle what a crash left, bind the port and serve.
+
+        Raises :class:`~pacs_classifier.errors.ConfigError` (one line, naming the key)
+        when the storage folder cannot be used or the address cannot be listened on.
+        """
+        try:
+            self.ctx.storage.open()
+        except OSError as exc:
+            raise ConfigError(
+                f"storage.root: cannot use {self.ctx.storage.root}: {exc.strerror or exc}"
+            ) from None
         # Before serving: no ingest of ours is under way, so every marker is a leftover.
         self.ctx.ingestor.recover_pending(actor=ACTOR_LISTENER)
         configure_pynetdicom()
@@ -430,12 +439,18 @@ class Listener:
         c = self.config
         self.ctx.audit.start()
         # AE.start_server, with our front door (receive/gate.py) as the server class.
-        server = self._ae.make_server(
-            (c.host, c.port),
-            ssl_context=self.ssl_context,
-            evt_handlers=handlers,
-            server_class=GatedServer,
-        )
+        try:
+            server = self._ae.make_server(
+                (c.host, c.port),
+                ssl_context=self.ssl_context,
+                evt_handlers=handlers,
+                server_class=GatedServer,
+            )
+        except OSError as exc:  # in use, not an address of this host, unresolvable
+            self.ctx.audit.stop()
+            raise ConfigError(
+                f"listener.host/port: cannot listen on {c.host}:{c.port}: {exc.strerror or exc}"
+            ) from None
         assert isinstance(server, GatedServer)
         server.configure(
             GateLimits(
