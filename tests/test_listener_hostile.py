@@ -28,7 +28,8 @@ from pynetdicom import AE, _config
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
 from test_listener import (
     CALLED,
     STORESCU_PROPOSE,
@@ -43,6 +44,7 @@ from test_listener import (
     small_instance,
 )
 
+from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.models import Instance
 from pacs_classifier.receive import statuses
 from pacs_classifier.receive.gate import REASON_EVICTED, REASON_HANDSHAKE_TIMEOUT
@@ -507,3 +509,56 @@ def test_serve_start_up_failures_are_one_line(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"pacs-classifier: error: {expected.format(port=port)}"), lines
+
+
+# ------------------------------------------------------------------ audit backlog
+
+
+def test_association_audit_waits_out_a_database_outage(tmp_path: Path, pg_url: str) -> None:
+    """The database refuses connections while a peer associates: the event is kept, then written."""
+    config = make_config(tmp_path, pg_url)
+    name = make_url(pg_url).database
+    admin = create_engine(make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+    def set_connections(allowed: bool) -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+            if not allowed:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                    ),
+                    {"n": name},
+                )
+
+    try:
+        with running(config) as (app, listener):
+            set_connections(False)
+            try:
+                assert send(listener.address[1], [small_instance()], calling="DURING") == [
+                    statuses.OUT_OF_RESOURCES
+                ]
+                assert listener.ctx.audit.pending >= 1
+            finally:
+                set_connections(True)
+            wait_for(lambda: listener.ctx.audit.pending == 0, 10, "the backlog written")
+            events = audit_outcomes(app.db, "association")
+            assert [(a, o) for a, o, _ in events] == [("ae:DURING@127.0.0.1", "accepted")]
+            assert "occurred_at" in events[0][2]  # written late: when it happened is kept
+            with app.db.session() as s:
+                assert verify_chain(s).ok
+    finally:
+        admin.dispose()
+
+
+def test_a_full_audit_backlog_refuses_new_associations(tmp_path: Path, sqlite_url: str) -> None:
+    config = make_config(tmp_path, sqlite_url)
+    with running(config) as (_app, listener):
+        listener.ctx.audit.capacity = 0  # as if events had piled up during an outage
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", listener.address[1], ae_title=CALLED)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert rj is not None
+        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, limit
