@@ -78,11 +78,11 @@ def read_dataset(path: Path) -> Dataset:
     """
     try:
         ds = pydicom.dcmread(path, force=True)
-    except OSError:
-        raise
         # pydicom converts elements lazily: a corrupt one would raise later, anywhere.
         # Walk them all now (the pixel data is not decoded, only held).
         ds.walk(lambda _ds, _elem: None)
+    except OSError:
+        raise
     except Exception as exc:  # pydicom raises many types for a corrupt stream
         raise NotAssessable(
             reasons.UNDECODABLE, f"{path.name} cannot be parsed as DICOM: {exc}"
