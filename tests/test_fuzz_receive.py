@@ -26,7 +26,7 @@ from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_classifier.receive.inspect import CannotUnderstand, SOPClassMismatch, inspect_received
 
@@ -48,9 +48,9 @@ class Seed:
 
 def _meta(sop_class: str, sop_instance: str, ts: str) -> bytes:
     fm = FileMetaDataset()
-    fm.MediaStorageSOPClassUID = sop_class
-    fm.MediaStorageSOPInstanceUID = sop_instance
-    fm.TransferSyntaxUID = ts
+    fm.MediaStorageSOPClassUID = UID(sop_class)
+    fm.MediaStorageSOPInstanceUID = UID(sop_instance)
+    fm.TransferSyntaxUID = UID(ts)
     buf = io.BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, fm)  # type: ignore[arg-type]
