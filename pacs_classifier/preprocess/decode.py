@@ -27,6 +27,21 @@ from pacs_classifier.preprocess.pixels import COLOUR, MONOCHROME
 
 log = logging.getLogger(__name__)
 
+
+class _NoDecoderTracebacks(logging.Filter):
+    """pydicom logs each failed decoder plugin with its traceback; we raise one line.
+
+    ``decode_pixels`` turns the failure into ``NotAssessable`` whose message names every
+    plugin's error, and the worker logs that as one line: the tracebacks (two per
+    corrupt image, dozens in a batch of bad files) say nothing more.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoDecoderTracebacks())
+
 # Below this many pixels on a side there is no image to resample, whatever the configured
 # clinical minimum (``eligibility.min_short_side_px``, applied by check_eligibility).
 MIN_SIDE_PX: Final = 32
