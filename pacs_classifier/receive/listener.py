@@ -3,8 +3,14 @@
 Services (SPEC §4): Verification, and Storage for CR, DX (presentation and processing)
 and Secondary Capture in every transfer syntax listed there; other SOP classes are
 refused at association negotiation. A calling AE title outside ``allowed_calling_aets``
-gets A-ASSOCIATE-RJ "calling AE title not recognised"; accepted and rejected
-associations are audited with the peer address.
+gets A-ASSOCIATE-RJ "calling AE title not recognised", a called AE title other than ours
+"called AE title not recognised"; accepted, rejected and aborted associations are
+audited with the peer address, through an :class:`~pacs_classifier.receive.backlog.AuditBacklog`
+that retries what the database cannot take at once.
+
+Connections reach pynetdicom through :class:`~pacs_classifier.receive.gate.GatedServer`:
+connection caps, a deadline for the TLS handshake and the A-ASSOCIATE-RQ, AE titles
+checked byte by byte (``docs/threat-model.md``).
 
 The C-STORE handler only checks and stores: pynetdicom streams the data set into a
 temporary file in ``<storage.root>/.tmp`` (hashed and handed to the disk as the fragments
