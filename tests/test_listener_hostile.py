@@ -46,7 +46,7 @@ from test_listener import (
 
 from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.models import Instance
-from pacs_classifier.receive import statuses
+from pacs_classifier.receive import gate, statuses
 from pacs_classifier.receive.gate import REASON_EVICTED, REASON_HANDSHAKE_TIMEOUT
 
 pytestmark = [
@@ -85,11 +85,13 @@ def peak_rss() -> Iterator[list[float]]:
         t.join()
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
+            raise AssertionError(
+                f"not within {timeout_s} s: {what if isinstance(what, str) else what()}"
+            )
         time.sleep(0.05)
 
 
@@ -562,3 +564,40 @@ def test_a_full_audit_backlog_refuses_new_associations(tmp_path: Path, sqlite_ur
         rj = assoc.acceptor.primitive
         assert rj is not None
         assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, limit
+
+
+def test_refusals_are_audited_once_per_window_with_the_count_of_the_rest(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gate, "REPORT_EVERY_S", 2.0)
+    config = make_config(tmp_path, sqlite_url, max_connections_per_peer=2)
+    with running(config) as (app, listener):
+        port = listener.address[1]
+        held = [connect_from("127.0.0.5", port) for _ in range(2)]
+        refused = []
+        for _ in range(4):
+            s = connect_from("127.0.0.5", port)
+            s.settimeout(5)
+            assert s.recv(10) == b""  # closed at once
+            refused.append(s)
+
+        def reported() -> list[tuple[str, int]]:
+            return [
+                (d["reason"], d["count"])
+                for _, o, d in audit_outcomes(app.db, "connection")
+                if o == "refused"
+            ]
+
+        # The first at once; the others counted into the next event, written when the
+        # window closes even if nothing else happens (a loaded machine may split them).
+        wait_for(
+            lambda: sum(n for _, n in reported()) == 4,
+            15,
+            lambda: f"every refusal counted: {audit_outcomes(app.db, 'connection')}",
+        )
+        events = reported()
+        assert events[0] == (gate.REASON_PEER_CAP, 1)
+        assert {reason for reason, _ in events} == {gate.REASON_PEER_CAP}
+        assert len(events) < 4
+        for s in held + refused:
+            s.close()

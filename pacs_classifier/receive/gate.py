@@ -22,7 +22,8 @@ front door (see ``docs/threat-model.md``):
 
 Pre-association refusals are reported through :attr:`GatedServer.report` (the
 listener audits them through its backlog, never blocking this thread), at most once a
-minute per peer and reason, with the count of those not reported in between.
+minute per peer and reason; each event's ``count`` says how many connections it stands
+for, and a count left over when a peer goes quiet is reported when its minute is up.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ class GatedServer(ThreadedAssociationServer):
         # Before pynetdicom's __init__ binds: a failed bind calls server_close.
         self._lock = threading.Lock()
         self._conns: list[_Conn] = []
-        self._reported: dict[tuple[str, str], tuple[float, int]] = {}
+        #: (peer, reason) -> (last reported at, refusals not reported since, outcome)
+        self._reported: dict[tuple[str, str], tuple[float, int, str]] = {}
         super().__init__(*args, **kwargs)
 
     def configure(
@@ -271,28 +273,43 @@ class GatedServer(ThreadedAssociationServer):
         key = (refusal.peer, refusal.reason)
         now = time.monotonic()
         with self._lock:
-            since, skipped = self._reported.get(key, (-REPORT_EVERY_S, 0))
+            since, skipped, _ = self._reported.get(key, (-REPORT_EVERY_S, 0, ""))
             if now - since < REPORT_EVERY_S:
-                self._reported[key] = (since, skipped + 1)
+                self._reported[key] = (since, skipped + 1, refusal.outcome)
                 return
-            self._reported[key] = (now, 0)
-            if len(self._reported) > 10_000:  # many peers: forget the quiet ones
-                self._reported = {
-                    k: v for k, v in self._reported.items() if now - v[0] < REPORT_EVERY_S
-                }
-        detail = dict(refusal.detail)
-        if skipped:
-            detail["not_reported_since_last"] = skipped
+            self._reported[key] = (now, 0, refusal.outcome)
+        self._emit(refusal, 1 + skipped)
+
+    def _emit(self, refusal: Refusal, count: int) -> None:
+        # count: how many connections this one event stands for (the audit's sum is exact).
+        detail = {**refusal.detail, "count": count}
         log.warning(
             "connection from %s %s: %s%s",
             refusal.peer,
             refusal.outcome,
             refusal.reason,
-            f" (and {skipped} more in the last minute)" if skipped else "",
+            f" ({count} since the last report)" if count > 1 else "",
         )
         self.report(
             Refusal(refusal.peer, refusal.outcome, refusal.reason, detail, refusal.calling_ae)
         )
+
+    def service_actions(self) -> None:
+        """Between accepts (every 0.5 s): report the counts a quiet minute left unsaid."""
+        super().service_actions()
+        now = time.monotonic()
+        due: list[tuple[str, str, str, int]] = []
+        with self._lock:
+            for (peer, reason), (since, skipped, outcome) in list(self._reported.items()):
+                if now - since < REPORT_EVERY_S:
+                    continue
+                if skipped:
+                    due.append((peer, reason, outcome, skipped))
+                    self._reported[(peer, reason)] = (now, 0, outcome)
+                else:
+                    del self._reported[(peer, reason)]  # quiet for a minute: forget it
+        for peer, reason, outcome, skipped in due:
+            self._emit(Refusal(peer, outcome, reason), skipped)
 
     # ----------------------------------------------------------- connection thread
 
