@@ -65,6 +65,13 @@ class ListenerConfig:
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 10
+    #: Open TCP connections, associated or not; beyond it the oldest connection still
+    #: waiting for its A-ASSOCIATE-RQ is closed to make room (receive/gate.py).
+    max_connections: int = 50
+    #: Open TCP connections from one IP address; beyond it the new one is closed.
+    max_connections_per_peer: int = 20
+    #: From TCP connect to a complete A-ASSOCIATE-RQ, TLS handshake included.
+    handshake_timeout_s: float = 10.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -334,7 +341,23 @@ def _validate(c: Config) -> None:
         0 < c.listener.port < 65536, "listener.port", f"must be 1-65535, received {c.listener.port}"
     )
     need(c.listener.max_associations >= 1, "listener.max_associations", "must be >= 1")
-    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+    need(
+        c.listener.max_connections >= c.listener.max_associations,
+        "listener.max_connections",
+        f"must be >= listener.max_associations ({c.listener.max_associations})",
+    )
+    need(
+        c.listener.max_connections_per_peer >= 1,
+        "listener.max_connections_per_peer",
+        "must be >= 1",
+    )
+    # An empty host binds every interface: a gateway must be told so in as many words.
+    need(
+        bool(c.listener.host.strip()),
+        "listener.host",
+        'must not be empty (write "0.0.0.0" to listen on every interface)',
+    )
+    for name in ("handshake_timeout_s", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
         need(getattr(c.listener, name) > 0, f"listener.{name}", "must be > 0")
     need(
         c.listener.maximum_pdu_size == 0 or c.listener.maximum_pdu_size >= 4096,

@@ -155,3 +155,76 @@ def test_concurrent_claimers_share_jobs_without_overlap(database: Database, tmp_
     assert errors == []
     every = [i for ids in got.values() for i in ids]
     assert len(every) == 120 == len(set(every))
+
+
+_CLAIMER = """
+import sys, time
+from pacs_classifier.db.engine import Database
+from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
+from pacs_classifier.queue.liveness import WorkerLocks
+from pathlib import Path
+locks = WorkerLocks(Path(sys.argv[2]))
+q = JobQueue(Database(sys.argv[1]), QueuePolicy(lease_seconds=600), locks=locks)
+locks.hold(q.worker_id)
+print(len(q.claim(1)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_jobs_of_a_killed_worker_are_reclaimed_while_it_is_still_a_zombie(
+    db_url: str, database: Database, tmp_path: Path
+) -> None:
+    """kill -9, not reaped yet (its PID still answers): its lock is gone, so are its leases."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pacs_classifier.queue.liveness import WorkerLocks
+
+    add_instances(database, [_file(tmp_path)])
+    locks_dir = tmp_path / ".workers"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CLAIMER, db_url, str(locks_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "1"
+        me = JobQueue(database, QueuePolicy(lease_seconds=600), locks=WorkerLocks(locks_dir))
+        assert me.reclaim_dead_local() == 0  # alive: its lease is respected
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+            assert time.monotonic() < deadline, "the child did not die"
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # a zombie: the PID still looks alive
+        assert me.reclaim_dead_local() == 1
+        assert len(me.claim(1)) == 1
+        assert list(locks_dir.iterdir()) == []  # the dead worker's lock file is gone too
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_reused_pid_is_not_taken_for_the_worker_that_had_it(
+    database: Database, tmp_path: Path
+) -> None:
+    """A holder whose PID is alive (ours, here) but whose lock is free is gone."""
+    import os
+    import socket
+
+    from pacs_classifier.queue.liveness import WorkerLocks
+
+    add_instances(database, [_file(tmp_path)])
+    locks = WorkerLocks(tmp_path / ".workers")
+    old_id = f"{socket.gethostname()}:{os.getpid()}:0ld0ne"
+    old = WorkerLocks(tmp_path / ".workers")
+    old.hold(old_id)
+    JobQueue(database, QueuePolicy(lease_seconds=600), worker_id=old_id).claim(1)
+    me = JobQueue(database, QueuePolicy(lease_seconds=600), locks=locks)
+    assert me.reclaim_dead_local() == 0
+    os.close(old._fd)  # type: ignore[arg-type]  # the process "dies" without cleaning up
+    assert me.reclaim_dead_local() == 1

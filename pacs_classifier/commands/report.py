@@ -31,7 +31,15 @@ def parse_time(text: str) -> datetime:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+14:00 is before year 1 in UTC, 9999-12-31T23:59-12:00 after
+        # 9999: as bounds they mean "from the beginning" and "to the end", so say that.
+        end = datetime.min if value.year == 1 else datetime.max
+        return end.replace(tzinfo=UTC)
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
 from pacs_classifier.infer.registry import active_model
 from pacs_classifier.infer.runtime import Predictor, load_predictor
 from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, QueuePolicy
+from pacs_classifier.queue.liveness import WORKERS_DIR_NAME, WorkerLocks
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,11 @@ class Worker:
     ) -> None:
         self.db = db
         self.config = config
-        self.jobs = jobs or JobQueue(db, QueuePolicy.from_config(config.worker))
+        self.jobs = jobs or JobQueue(
+            db,
+            QueuePolicy.from_config(config.worker),
+            locks=WorkerLocks(config.storage_root / WORKERS_DIR_NAME),
+        )
         #: When set, only this reclassification run's jobs are claimed (``reclassify``).
         self.run_id = run_id
         #: When set, only these jobs are claimed (``classify --record``).
@@ -109,6 +114,17 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; then finish prepared batches and release the rest."""
+        locks = self.jobs.locks
+        if locks is not None:
+            # Held while this worker may hold leases: others can tell at once it is gone.
+            locks.hold(self.jobs.worker_id)
+        try:
+            self._run(stop)
+        finally:
+            if locks is not None:
+                locks.release()
+
+    def _run(self, stop: threading.Event) -> None:
         self.jobs.reclaim_dead_local()
         preparer = threading.Thread(
             target=self._prepare_loop, args=(stop,), name="worker-prepare", daemon=True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -25,6 +26,21 @@ from pacs_classifier.preprocess import reasons
 from pacs_classifier.preprocess.pixels import COLOUR, MONOCHROME
 
 log = logging.getLogger(__name__)
+
+
+class _NoDecoderTracebacks(logging.Filter):
+    """pydicom logs each failed decoder plugin with its traceback; we raise one line.
+
+    ``decode_pixels`` turns the failure into ``NotAssessable`` whose message names every
+    plugin's error, and the worker logs that as one line: the tracebacks (two per
+    corrupt image, dozens in a batch of bad files) say nothing more.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoDecoderTracebacks())
 
 # Below this many pixels on a side there is no image to resample, whatever the configured
 # clinical minimum (``eligibility.min_short_side_px``, applied by check_eligibility).
@@ -48,12 +64,19 @@ def sniff(path: Path) -> Literal["dicom", "image"]:
     """
     with open(path, "rb") as fh:
         head = fh.read(132)
+        size = os.fstat(fh.fileno()).st_size
     if len(head) == 132 and head[128:132] == b"DICM":
         return "dicom"
     if head.startswith((_JPEG_MAGIC, _PNG_MAGIC)):
         return "image"
     if len(head) >= 8 and int.from_bytes(head[0:2], "little") in _FIRST_GROUPS:
-        return "dicom"
+        # PS3.5 §7.1: an explicit VR (two upper-case letters) or an implicit 4-byte
+        # length that fits the file. Zero bytes would "parse" as (0000,0000) elements of
+        # length 0, half a second per MiB, into an empty data set.
+        vr = head[4:6]
+        length = int.from_bytes(head[4:8], "little")
+        if (vr.isalpha() and vr.isupper()) or 0 < length <= size:
+            return "dicom"
     raise NotAssessable(
         reasons.UNDECODABLE,
         f"{path.name} is neither DICOM (no 'DICM' at offset 128, no data set at offset 0) "
@@ -70,12 +93,21 @@ def read_dataset(path: Path) -> Dataset:
     """
     try:
         ds = pydicom.dcmread(path, force=True)
+        # pydicom converts elements lazily: a corrupt one would raise later, anywhere.
+        # Walk them all now (the pixel data is not decoded, only held).
+        ds.walk(lambda _ds, _elem: None)
     except OSError:
         raise
     except Exception as exc:  # pydicom raises many types for a corrupt stream
         raise NotAssessable(
             reasons.UNDECODABLE, f"{path.name} cannot be parsed as DICOM: {exc}"
         ) from exc
+    if "SOPClassUID" not in ds and "PixelData" not in ds:
+        # Random bytes after "DICM" parse as a few odd elements; no image has neither.
+        raise NotAssessable(
+            reasons.UNDECODABLE,
+            f"{path.name}: neither (0008,0016) SOP Class UID nor (7FE0,0010) Pixel Data",
+        )
     ensure_transfer_syntax(ds, path.name)
     return ds
 

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from pacs_classifier.config import EligibilityConfig
 from pacs_classifier.errors import NotAssessable
-from pacs_classifier.preprocess import decode, image, pixels, reasons
+from pacs_classifier.preprocess import decode, image, integrity, pixels, reasons
 from pacs_classifier.preprocess.tensor import check_image_size, unit_to_tensor
 
 
@@ -81,6 +81,9 @@ def dataset_to_unit(ds: Dataset, rules: EligibilityConfig | None = None) -> NDAr
     decode.ensure_transfer_syntax(ds)
     decode.check_pixels(ds, rules)
     stored = decode.decode_pixels(ds)
+    # A stream no decoder reads is undecodable (above); these catch one that decodes anyway.
+    integrity.check_codestream(ds)
+    integrity.check_decoded(stored, ds)
     try:
         return pixels.to_unit(stored, ds)
     except ValueError as exc:  # a malformed LUT or window, named in the message

@@ -22,6 +22,9 @@ UNDECODABLE: Final = "undecodable"
 UNSUPPORTED_PHOTOMETRIC: Final = "unsupported_photometric"
 TOO_LARGE: Final = "too_large"
 BAD_DIMENSIONS: Final = "bad_dimensions"
+#: Decodes, but the codestream was damaged: truncated, or pixels no valid image has
+#: (preprocess/integrity.py).
+CORRUPT_IMAGE: Final = "corrupt_image"
 
 ALL: Final[frozenset[str]] = frozenset(
     {
@@ -36,5 +39,6 @@ ALL: Final[frozenset[str]] = frozenset(
         UNSUPPORTED_PHOTOMETRIC,
         TOO_LARGE,
         BAD_DIMENSIONS,
+        CORRUPT_IMAGE,
     }
 )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +37,7 @@ from pacs_classifier.config import WorkerConfig
 from pacs_classifier.db.audit import append_event
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Instance, Job, JobKind, JobState, utcnow
+from pacs_classifier.queue.liveness import WorkerLocks
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ def enqueue(
 
 
 def default_worker_id() -> str:
-    """``host:pid``: unique among live workers, and tells whose lease a job holds."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:random``: whose lease a job holds; a reused PID is a different worker."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,19 @@ class Outcome:
 class JobQueue:
     """Claims, completes, retries and releases jobs on behalf of one worker."""
 
-    def __init__(self, db: Database, policy: QueuePolicy, *, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        policy: QueuePolicy,
+        *,
+        worker_id: str | None = None,
+        locks: WorkerLocks | None = None,
+    ) -> None:
         self.db = db
         self.policy = policy
         self.worker_id = worker_id or default_worker_id()
+        #: This host's worker locks (queue/liveness.py); None: judge by PID alone.
+        self.locks = locks
         self.actor = f"worker:{self.worker_id}"
         # Reclaiming writes; on SQLite every write takes the database lock, so do it
         # every few seconds rather than before every claim.
@@ -211,8 +222,10 @@ class JobQueue:
         """Reclaim at once the jobs held by workers of this host whose process is gone.
 
         After a crash and restart the new process need not wait for the old leases to
-        run out. Only this host's ``host:pid`` ids are checked: another machine's
-        processes cannot be seen from here, their leases expire instead.
+        run out. Only this host's ids are checked: another machine's processes cannot be
+        seen from here, their leases expire instead. A holder is judged by its lock file
+        (:class:`~pacs_classifier.queue.liveness.WorkerLocks`) when it has one, else by
+        its PID.
         """
         prefix = f"{socket.gethostname()}:"
         with self.db.session() as session:
@@ -221,10 +234,14 @@ class JobQueue:
                 .where(Job.state == JobState.RUNNING, Job.worker_id.startswith(prefix))
                 .distinct()
             ).scalars()
-            dead = [h for h in holders if h and h != self.worker_id and not _pid_alive(h)]
+            dead = [h for h in holders if h and h != self.worker_id and not self._alive(h)]
         if not dead:
             return 0
         return self._reclaim(and_(Job.state == JobState.RUNNING, Job.worker_id.in_(dead)), utcnow())
+
+    def _alive(self, holder: str) -> bool:
+        alive = self.locks.alive(holder) if self.locks is not None else None
+        return _pid_alive(holder) if alive is None else alive
 
     def _reclaim(self, condition: object, now: datetime) -> int:
         with self.db.session() as session:
@@ -410,7 +427,7 @@ def queue_depth(session: Session) -> dict[str, int]:
 
 def _pid_alive(worker_id: str) -> bool:
     try:
-        pid = int(worker_id.rsplit(":", 1)[1])
+        pid = int(worker_id.split(":")[1])  # host:pid, or host:pid:random
     except (IndexError, ValueError):
         return True  # not ours to judge: let its lease expire
     try:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_classifier.errors import PermanentError
@@ -194,6 +195,9 @@ def _text(ds: Any, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
+    if isinstance(value, MultiValue):
+        # The value as encoded (PS3.5 §6.4: backslash-separated), not Python's list text.
+        value = "\\".join(str(v) for v in value)
     return str(value).strip()[:limit] or None
 
 
@@ -239,15 +243,46 @@ def inspect_received(
         raise CannotUnderstand(str(exc)) from None
 
 
+#: The largest data set a deflated transfer syntax may inflate to. A single CR, DX or
+#: Secondary Capture image is tens of MiB; a "deflate bomb" (1 MB that inflates to GiB
+#: of zeros) is refused before anything of that size is held.
+MAX_INFLATED_BYTES = 256 << 20
+_INFLATE_CHUNK = 1 << 20
+
+
+def inflated_size(body: Any, limit: int = MAX_INFLATED_BYTES) -> int:
+    """The inflated size of a deflated data set (PS3.5 §A.5), counted in constant memory.
+
+    Raises :class:`CannotUnderstand` for a stream that is corrupt, truncated, or larger
+    than ``limit`` once inflated (counting stops there).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    data: Any = body
+    try:
+        while not inflater.eof:
+            out = inflater.decompress(data, _INFLATE_CHUNK)
+            size += len(out)
+            if size > limit:
+                raise CannotUnderstand(f"deflated data set inflates to more than {limit >> 20} MiB")
+            data = inflater.unconsumed_tail
+            if not out and not data:
+                break  # input used up before the end of the stream
+    except zlib.error as exc:
+        raise CannotUnderstand(f"deflated data set cannot be inflated: {exc}") from None
+    if not inflater.eof:
+        raise CannotUnderstand("deflated data set is truncated")
+    return size
+
+
 def _check_encoded(body: memoryview, transfer_syntax: str) -> None:
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # Count first, in constant memory: only a data set within the limit is inflated.
+        inflated_size(body)
         try:
-            inflated = zlib.decompressobj(-zlib.MAX_WBITS)
-            data = inflated.decompress(body)
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
         except zlib.error as exc:
             raise CannotUnderstand(f"deflated data set cannot be inflated: {exc}") from None
-        if not inflated.eof:
-            raise CannotUnderstand("deflated data set is truncated")
         check_structure(data, implicit=False)
     else:
         check_structure(body, implicit=transfer_syntax == ImplicitVRLittleEndian)

@@ -3,8 +3,14 @@
 Services (SPEC §4): Verification, and Storage for CR, DX (presentation and processing)
 and Secondary Capture in every transfer syntax listed there; other SOP classes are
 refused at association negotiation. A calling AE title outside ``allowed_calling_aets``
-gets A-ASSOCIATE-RJ "calling AE title not recognised"; accepted and rejected
-associations are audited with the peer address.
+gets A-ASSOCIATE-RJ "calling AE title not recognised", a called AE title other than ours
+"called AE title not recognised"; accepted, rejected and aborted associations are
+audited with the peer address, through an :class:`~pacs_classifier.receive.backlog.AuditBacklog`
+that retries what the database cannot take at once.
+
+Connections reach pynetdicom through :class:`~pacs_classifier.receive.gate.GatedServer`:
+connection caps, a deadline for the TLS handshake and the A-ASSOCIATE-RQ, AE titles
+checked byte by byte (``docs/threat-model.md``).
 
 The C-STORE handler only checks and stores: pynetdicom streams the data set into a
 temporary file in ``<storage.root>/.tmp`` (hashed and handed to the disk as the fragments
@@ -43,12 +49,17 @@ from pynetdicom import AE, evt
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_classifier.config import ENV_TLS_PASSPHRASE, Config, ListenerConfig
-from pacs_classifier.db.audit import append_event
 from pacs_classifier.db.engine import Database
 from pacs_classifier.errors import ConfigError, DatabaseUnavailable, StorageFull
 from pacs_classifier.receive import statuses
+from pacs_classifier.receive.backlog import AuditBacklog, PendingEvent
+from pacs_classifier.receive.gate import GatedServer, GateLimits, Refusal
 from pacs_classifier.receive.inspect import CannotUnderstand, SOPClassMismatch, inspect_received
-from pacs_classifier.receive.transport import configure_pynetdicom, received_file
+from pacs_classifier.receive.transport import (
+    ABORT_REASON_ATTR,
+    configure_pynetdicom,
+    received_file,
+)
 from pacs_classifier.store.ingest import ENTITY_INSTANCE, Ingestor
 from pacs_classifier.store.storage import InvalidUID, Storage
 
@@ -82,9 +93,16 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 #: PS3.4 Annex A: the Verification SOP Class.
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 ACTION_ASSOCIATION = "association"
+#: A TCP connection that never became an association (caps, timeouts, not DICOM).
+ACTION_CONNECTION = "connection"
 #: Audit actor of what the listener does on its own (start-up recovery).
 ACTOR_LISTENER = "listener"
 REJECT_REASON_CALLING_AE = "calling AE title not recognised"
+REJECT_REASON_CALLED_AE = "called AE title not recognised"
+REJECT_REASON_LIMIT = "too many associations"
+ABORT_REASON_STOPPING = "listener stopping"
+ABORT_REASON_IDLE = "no PDU within network_timeout_s"
+ABORT_REASON_PEER = "aborted by the peer, or the connection closed"
 
 
 class _ListenerAE(AE):
@@ -146,6 +164,9 @@ class HandlerContext:
     storage: Storage
     ingestor: Ingestor
     allowed_calling_aets: tuple[str, ...]
+    audit: AuditBacklog
+    #: Our AE title: a request for another is rejected.
+    ae_title: str = ""
     #: A temporary file idle this long belongs to an aborted transfer.
     stale_temp_s: float = 120.0
     in_flight: _InFlight = field(default_factory=_InFlight)
@@ -157,19 +178,44 @@ def peer_actor(assoc: Any) -> str:
     return f"ae:{calling}@{assoc.requestor.address}"[:128]
 
 
-def _audit(ctx: HandlerContext, **kwargs: Any) -> None:
-    """Write one audit event in its own transaction; a down database is only logged."""
-    try:
-        with ctx.db.session() as session:
-            append_event(session, **kwargs)
-    except (DatabaseUnavailable, SQLAlchemyError) as exc:
-        log.error("could not audit %s/%s: %s", kwargs.get("action"), kwargs.get("outcome"), exc)
+def _audit(
+    ctx: HandlerContext,
+    *,
+    actor: str,
+    action: str,
+    outcome: str,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Write one audit event in its own transaction, or keep it until the database is back."""
+    ctx.audit.write(
+        PendingEvent(actor, action, outcome, entity_type, entity_id, dict(detail or {}))
+    )
+
+
+def report_refusal(ctx: HandlerContext, refusal: Refusal) -> None:
+    """Audit a connection the gate turned away (queued: the gate never waits)."""
+    detail: dict[str, Any] = {**refusal.detail, "peer_address": refusal.peer}
+    detail["reason"] = refusal.reason
+    calling = refusal.calling_ae or "?"
+    ctx.audit.submit(
+        PendingEvent(
+            actor=f"ae:{calling}@{refusal.peer}"[:128],
+            action=ACTION_ASSOCIATION if refusal.outcome == "rejected" else ACTION_CONNECTION,
+            outcome=refusal.outcome,
+            detail=detail,
+        )
+    )
 
 
 def _association_detail(assoc: Any) -> dict[str, Any]:
+    # The called AE title the peer asked for (ours is assoc.acceptor.ae_title).
+    request = assoc.requestor.primitive
+    called = getattr(request, "called_ae_title", None) or assoc.acceptor.ae_title
     return {
         "calling_ae": str(assoc.requestor.ae_title or "").strip(),
-        "called_ae": str(assoc.acceptor.ae_title or "").strip(),
+        "called_ae": str(called or "").strip(),
         "peer_address": assoc.requestor.address,
         "peer_port": assoc.requestor.port,
     }
@@ -190,10 +236,12 @@ def handle_rejected(event: Any, ctx: HandlerContext) -> None:
     """Audit a rejected association with the reason we gave."""
     detail = _association_detail(event.assoc)
     allowed = ctx.allowed_calling_aets
-    if allowed and detail["calling_ae"] not in allowed:
+    if ctx.ae_title and detail["called_ae"] != ctx.ae_title:
+        detail["reason"] = REJECT_REASON_CALLED_AE
+    elif allowed and detail["calling_ae"] not in allowed:
         detail["reason"] = REJECT_REASON_CALLING_AE
     else:
-        detail["reason"] = "too many associations"
+        detail["reason"] = REJECT_REASON_LIMIT
     log.warning("association from %s rejected: %s", peer_actor(event.assoc), detail["reason"])
     _audit(
         ctx,
@@ -201,6 +249,20 @@ def handle_rejected(event: Any, ctx: HandlerContext) -> None:
         action=ACTION_ASSOCIATION,
         outcome="rejected",
         detail=detail,
+    )
+
+
+def handle_aborted(event: Any, ctx: HandlerContext) -> None:
+    """Audit an aborted association with why, when we know it."""
+    assoc = event.assoc
+    detail = _association_detail(assoc)
+    reason = getattr(assoc, ABORT_REASON_ATTR, None)
+    if reason is None:
+        reason = ABORT_REASON_IDLE if assoc.dul.idle_timer_expired() else ABORT_REASON_PEER
+    detail["reason"] = reason
+    log.warning("association with %s aborted: %s", peer_actor(assoc), reason)
+    _audit(
+        ctx, actor=peer_actor(assoc), action=ACTION_ASSOCIATION, outcome="aborted", detail=detail
     )
 
 
@@ -326,10 +388,12 @@ class Listener:
             storage=storage,
             ingestor=ingestor,
             allowed_calling_aets=tuple(a.strip() for a in config.allowed_calling_aets),
+            audit=AuditBacklog(db),
+            ae_title=config.ae_title.strip(),
             stale_temp_s=2 * max(config.network_timeout_s, config.dimse_timeout_s),
         )
         self._ae: _ListenerAE | None = None
-        self._server: Any = None
+        self._server: GatedServer | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -348,14 +412,24 @@ class Listener:
         ae.network_timeout = c.network_timeout_s
         ae.maximum_pdu_size = c.maximum_pdu_size
         ae.require_calling_aet = list(self.ctx.allowed_calling_aets)
+        ae.require_called_aet = True
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         return ae
 
     def start(self) -> None:
-        """Open the storage, settle what a crash left, bind the port and serve."""
-        self.ctx.storage.open()
+        """Open the storage, settle what a crash left, bind the port and serve.
+
+        Raises :class:`~pacs_classifier.errors.ConfigError` (one line, naming the key)
+        when the storage folder cannot be used or the address cannot be listened on.
+        """
+        try:
+            self.ctx.storage.open()
+        except OSError as exc:
+            raise ConfigError(
+                f"storage.root: cannot use {self.ctx.storage.root}: {exc.strerror or exc}"
+            ) from None
         # Before serving: no ingest of ours is under way, so every marker is a leftover.
         self.ctx.ingestor.recover_pending(actor=ACTOR_LISTENER)
         configure_pynetdicom()
@@ -365,14 +439,38 @@ class Listener:
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.ctx]),
             (evt.EVT_REJECTED, handle_rejected, [self.ctx]),
+            (evt.EVT_ABORTED, handle_aborted, [self.ctx]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self.ctx]),
         ]
-        self._server = self._ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            ssl_context=self.ssl_context,
-            evt_handlers=handlers,
+        c = self.config
+        self.ctx.audit.start()
+        # AE.start_server, with our front door (receive/gate.py) as the server class.
+        try:
+            server = self._ae.make_server(
+                (c.host, c.port),
+                ssl_context=self.ssl_context,
+                evt_handlers=handlers,
+                server_class=GatedServer,
+            )
+        except OSError as exc:  # in use, not an address of this host, unresolvable
+            self.ctx.audit.stop()
+            raise ConfigError(
+                f"listener.host/port: cannot listen on {c.host}:{c.port}: {exc.strerror or exc}"
+            ) from None
+        assert isinstance(server, GatedServer)
+        server.configure(
+            GateLimits(
+                max_connections=c.max_connections,
+                max_connections_per_peer=c.max_connections_per_peer,
+                handshake_timeout_s=c.handshake_timeout_s,
+                network_timeout_s=c.network_timeout_s,
+            ),
+            report=lambda refusal: report_refusal(self.ctx, refusal),
+            refuse_new=lambda: self.ctx.audit.full,
         )
+        threading.Thread(target=server.serve_forever, name="listener-accept", daemon=True).start()
+        self._ae._servers.append(server)
+        self._server = server
         host, port = self.address
         log.info(
             "listening on %s:%d as %s (TLS %s)",
@@ -394,10 +492,12 @@ class Listener:
             log.warning("C-STOREs still running after %.0f s; closing anyway", grace_s)
         for assoc in assocs:
             if assoc.is_alive():
+                setattr(assoc, ABORT_REASON_ATTR, ABORT_REASON_STOPPING)
                 assoc.abort()
         deadline = time.monotonic() + 5
         for assoc in assocs:
             assoc.join(max(0.0, deadline - time.monotonic()))
         # Transfers cut short by the aborts leave partial files; nothing writes any more.
         self.ctx.storage.sweep_temp()
+        self.ctx.audit.stop()
         log.info("listener stopped")

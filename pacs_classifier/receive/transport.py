@@ -14,6 +14,14 @@ its port (measured in ``docs/benchmarks.md``, "Ingest: where a C-STORE's time go
 - ``AssociationSocket.recv`` reads a PDU with ``recv_into`` in as few system calls as the
   kernel allows. pynetdicom 3.0 reads 4 KiB per call into a growing ``bytearray``: about
   2,000 calls and as many Python loop turns per 8 MB instance.
+- ``DULServiceProvider._read_pdu_data`` (:func:`_read_pdu_data`) bounds each PDU: its
+  length is checked against what we announced before a byte of it is read (a P-DATA-TF
+  no longer than our Maximum Length, PS3.8 §D.1; any other PDU at most 1 MiB), and the
+  whole PDU must arrive within ``network_timeout_s`` of its first byte. pynetdicom
+  reads with no deadline: a peer announcing 4 GiB and stalling held its association,
+  and a 256 MiB P-DATA-TF was buffered whole. A breach aborts the association (A-ABORT,
+  reason "invalid PDU parameter value"), recorded on the association as
+  :data:`ABORT_REASON_ATTR` for the listener's audit event.
 """
 
 from __future__ import annotations
@@ -23,14 +31,17 @@ import ctypes.util
 import hashlib
 import logging
 import os
+import struct
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from pynetdicom import _config, dimse_messages
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
 from pacs_classifier.receive.inspect import (
@@ -242,10 +253,142 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buf
 
 
+#: PS3.8 §9.3.1: the PDU types there are; P-DATA-TF is 0x04.
+_PDU_TYPES: Final = frozenset(range(0x01, 0x08))
+_PDU_P_DATA: Final = 0x04
+#: Any PDU but P-DATA-TF: an A-ASSOCIATE-AC or -RQ is a few KiB, the rest 4 bytes.
+MAX_CONTROL_PDU_BYTES: Final = 1 << 20
+#: A P-DATA-TF when we announced no Maximum Length (``maximum_pdu_size = 0``).
+MAX_UNLIMITED_PDU_BYTES: Final = 64 << 20
+#: The association attribute that says why we aborted it (audited by the listener).
+ABORT_REASON_ATTR: Final = "pacs_abort_reason"
+_PDU_HEADER = struct.Struct(">BBL")
+#: A-ABORT (PS3.8 §9.3.8) from the service provider, reason "invalid PDU parameter value".
+ABORT_INVALID_PDU: Final = _PDU_HEADER.pack(0x07, 0, 4) + bytes((0, 0, 0x02, 0x06))
+
+
+def pdu_limit(assoc: Any, pdu_type: int) -> int:
+    """The longest PDU of ``pdu_type`` we read on ``assoc``: what we told the peer."""
+    if pdu_type != _PDU_P_DATA:
+        return MAX_CONTROL_PDU_BYTES
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    maximum = int(local.maximum_length or 0)
+    return maximum if maximum > 0 else MAX_UNLIMITED_PDU_BYTES
+
+
+def recv_until(sock: Any, n: int, deadline: float | None) -> bytearray:
+    """``n`` bytes, fewer if the peer closes; :class:`TimeoutError` at ``deadline``."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < n:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{got} of {n} bytes before the deadline")
+                sock.settimeout(remaining)
+            count = sock.recv_into(view[got:])
+            if not count:
+                break
+            got += count
+    finally:
+        view.release()
+    del buf[got:]
+    return buf
+
+
+def _abort_connection(dul: DULServiceProvider, reason: str) -> None:
+    """Tell the peer (A-ABORT), close the connection, and say why on the association."""
+    assoc = dul.assoc
+    setattr(assoc, ABORT_REASON_ATTR, reason)
+    log.warning(
+        "aborting the association with %s: %s",
+        getattr(assoc.requestor if assoc.is_acceptor else assoc.acceptor, "address", "?"),
+        reason,
+    )
+    assoc_sock = cast(AssociationSocket, dul.socket)
+    sock = cast(Any, assoc_sock.socket)
+    if sock is not None:
+        try:
+            sock.settimeout(2.0)
+            sock.sendall(ABORT_INVALID_PDU)
+        except OSError:
+            pass  # the peer is gone or not reading; closing is what matters
+    assoc_sock.close()  # queues Evt17: the state machine ends the association
+
+
+def _read_pdu_data(self: DULServiceProvider) -> None:
+    """Read one PDU, bounded in size and time; queue its event as pynetdicom's does."""
+    assoc_sock = cast(AssociationSocket, self.socket)
+    sock = cast(Any, assoc_sock.socket)
+    if sock is None:
+        self.event_queue.put("Evt17")  # Evt17: transport connection closed
+        return
+    timeout = self.assoc.network_timeout
+    # The DUL calls this once the socket is readable: the PDU has begun to arrive.
+    deadline = None if timeout is None else time.monotonic() + float(timeout)
+    try:
+        header = recv_until(sock, 6, deadline)
+        if len(header) < 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _PDU_TYPES:
+            log.warning("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")  # Evt19: unrecognised PDU, the FSM aborts
+            return
+        limit = pdu_limit(self.assoc, pdu_type)
+        if length > limit:
+            _abort_connection(
+                self, f"PDU type 0x{pdu_type:02X} of {length} bytes refused unread (limit {limit})"
+            )
+            return
+        body = recv_until(sock, length, deadline)
+    except TimeoutError:
+        _abort_connection(self, f"a PDU took longer than network_timeout_s ({timeout} s)")
+        return
+    except OSError as exc:
+        log.info("connection closed while reading a PDU: %s", exc)
+        self.event_queue.put("Evt17")
+        return
+    if len(body) < length:
+        log.info("connection closed inside a PDU (%d of %d bytes)", len(body), length)
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(header + body)
+    except Exception as exc:  # as pynetdicom: any decoding error is Evt19
+        log.warning("undecodable PDU type 0x%02X: %s", pdu_type, exc)
+        self.event_queue.put("Evt19")
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
+
+
+#: Longer than any UID field a PDU can carry sensibly; a value beyond it is refused.
+_MAX_UID_TEXT = 1024
+
+
+def lenient_uid(value: str) -> tuple[bool, str]:
+    """pynetdicom's UI validator, lenient: a bad UID in a request gets a status from us.
+
+    pynetdicom's own refuses a UID over 64 characters while it decodes the DIMSE
+    command set, and the exception aborts the association with no status and nothing
+    audited. Accepted here, the request reaches the C-STORE handler, whose UID checks
+    (``store.storage.check_uid``) answer 0xC000 and audit the reason.
+    """
+    if len(value) > _MAX_UID_TEXT:
+        return False, f"must not exceed {_MAX_UID_TEXT} characters"
+    return True, ""
+
+
 def configure_pynetdicom() -> None:
     """Apply the module's settings (process-wide, idempotent)."""
+    _config.VALIDATORS["UI"] = lenient_uid
     _config.STORE_RECV_CHUNKED_DATASET = True
     # pynetdicom names NamedTemporaryFile in its module; its default folder would be
     # the system's, another file system perhaps, and never cleaned after a crash.
     setattr(dimse_messages, "NamedTemporaryFile", _receive_temp_file)  # noqa: B010
     setattr(AssociationSocket, "recv", _recv)  # noqa: B010
+    setattr(DULServiceProvider, "_read_pdu_data", _read_pdu_data)  # noqa: B010
