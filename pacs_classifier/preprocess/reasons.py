@@ -23,6 +23,10 @@ UNSUPPORTED_PHOTOMETRIC: Final = "unsupported_photometric"
 TOO_LARGE: Final = "too_large"
 BAD_DIMENSIONS: Final = "bad_dimensions"
 
+# Provenance: what the instance is, whatever its pixels.
+#: An object this daemon made (SR, Grad-CAM overlay) that came back to its listener.
+OWN_OUTPUT: Final = "own_output"
+
 ALL: Final[frozenset[str]] = frozenset(
     {
         MODALITY,
@@ -36,5 +40,6 @@ ALL: Final[frozenset[str]] = frozenset(
         UNSUPPORTED_PHOTOMETRIC,
         TOO_LARGE,
         BAD_DIMENSIONS,
+        OWN_OUTPUT,
     }
 )
