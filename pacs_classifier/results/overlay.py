@@ -131,6 +131,10 @@ def build_sc(source: Dataset, picture: npt.NDArray[np.uint8], task: RenderTask) 
     from highdicom.sc import SCImage
 
     evidence = evidence_of(source)
+    # The picture keeps the source's orientation (normalising only pads and scales), so
+    # its Patient Orientation holds; unknown stays empty (Type 2) rather than guessed.
+    orientation = tuple(str(v) for v in (source.get("PatientOrientation") or ()))
+    known = len(orientation) == 2 and all(orientation)
     with warnings.catch_warnings():
         # highdicom warns about single-component person names, which sites do send.
         warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
@@ -145,8 +149,12 @@ def build_sc(source: Dataset, picture: npt.NDArray[np.uint8], task: RenderTask) 
             sop_instance_uid=task.sop_instance_uid,
             instance_number=task.object_id,
             manufacturer=PRODUCT,
-            patient_orientation=("", ""),
+            patient_orientation=orientation if known else ("L", "F"),
         )
+    if not known:
+        sc.PatientOrientation = ""
+    # Type 2C (General Series): the chest is not a paired part, so empty unless known.
+    sc.Laterality = str(source.get("Laterality", "") or "")
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     sc.ImageComments = banner_text(task).replace("\n", "  ")
