@@ -14,7 +14,14 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import missing
-from pipeline_support import Bundles, add_instances, all_jobs_ended, free_port, make_config
+from pipeline_support import (
+    Bundles,
+    add_instances,
+    all_jobs_ended,
+    cli,
+    free_port,
+    make_config,
+)
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -34,7 +41,7 @@ from pacs_classifier.db.models import (
 from pacs_classifier.infer.registry import register_bundle
 from pacs_classifier.infer.worker import Worker
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
-from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results, requeue_sends
+from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results
 from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.results.sr import ObjectUids, Predecessor, SrContent, build_sr
 
@@ -137,11 +144,27 @@ def test_prediction_to_sr_and_overlay_then_an_unreachable_destination_fails(
         assert "no association" in str(sends[0].reason)
         assert len(failed_events) == 1
         assert "NOWHERE" in status and "failed" in status
-        assert requeue_sends(db, include_failed=False, destination=None, actor="test") == 0
-        assert requeue_sends(db, include_failed=True, destination="NOWHERE", actor="test") == 1
+        # The command line: a typo is one line; --failed starts the failed send over.
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(
+            f'[database]\nurl = "{db_url}"\n[storage]\nroot = "{config.storage.root}"\n'
+            f'[[destinations]]\nae_title = "NOWHERE"\nhost = "127.0.0.1"\nport = {dead["port"]}\n',
+            encoding="utf-8",
+        )
+        typo = cli(cfg, "send", "retry", "--destination", "NOWHER")
+        assert typo.returncode == 2 and "'NOWHER' is not in [[destinations]]" in typo.stderr
+        assert len(typo.stderr.strip().splitlines()) == 1
+        waiting = cli(cfg, "send", "retry")
+        assert (waiting.returncode, waiting.stdout) == (0, "requeued 0 send(s)\n")
+        again = cli(cfg, "send", "retry", "--failed", "--destination", "NOWHERE")
+        assert (again.returncode, again.stdout) == (0, "requeued 1 send(s)\n"), again.stderr
         with db.session() as s:
             job = s.execute(select(SendJob)).scalar_one()
             assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+            retried = s.execute(
+                select(AuditEvent).where(AuditEvent.action == "result.send_retry")
+            ).scalar_one()
+            assert retried.detail["send_jobs"] == [job.id]
     finally:
         db.dispose()
 
