@@ -133,8 +133,9 @@ def build_sc(source: Dataset, picture: npt.NDArray[np.uint8], task: RenderTask) 
     evidence = evidence_of(source)
     # The picture keeps the source's orientation (normalising only pads and scales), so
     # its Patient Orientation holds; unknown stays empty (Type 2) rather than guessed.
-    orientation = tuple(str(v) for v in (source.get("PatientOrientation") or ()))
-    known = len(orientation) == 2 and all(orientation)
+    values = [str(v) for v in (source.get("PatientOrientation") or ())]
+    known = len(values) == 2 and all(values)
+    orientation = (values[0], values[1]) if known else ("L", "F")
     with warnings.catch_warnings():
         # highdicom warns about single-component person names, which sites do send.
         warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
@@ -149,10 +150,10 @@ def build_sc(source: Dataset, picture: npt.NDArray[np.uint8], task: RenderTask) 
             sop_instance_uid=task.sop_instance_uid,
             instance_number=task.object_id,
             manufacturer=PRODUCT,
-            patient_orientation=orientation if known else ("L", "F"),
+            patient_orientation=orientation,
         )
     if not known:
-        sc.PatientOrientation = ""
+        sc["PatientOrientation"].value = ""  # Type 2: present and empty
     # Type 2C (General Series): the chest is not a paired part, so empty unless known.
     sc.Laterality = str(source.get("Laterality", "") or "")
     sc.BurnedInAnnotation = "YES"
