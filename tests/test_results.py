@@ -41,6 +41,7 @@ from pacs_classifier.db.models import (
 from pacs_classifier.infer.registry import register_bundle
 from pacs_classifier.infer.worker import Worker
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
+from pacs_classifier.report import queries
 from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results
 from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.results.sr import ObjectUids, Predecessor, SrContent, build_sr
@@ -127,6 +128,7 @@ def test_prediction_to_sr_and_overlay_then_an_unreachable_destination_fails(
                 .all()
             )
             status = format_status(read_status(s), config)
+            sends_report = queries.run(s, queries.get("sends"))
         assert set(objects) == {ResultKind.SR, ResultKind.SC}
         assert all(
             o.state == JobState.DONE and o.instance_id == instance_id for o in objects.values()
@@ -144,6 +146,8 @@ def test_prediction_to_sr_and_overlay_then_an_unreachable_destination_fails(
         assert "no association" in str(sends[0].reason)
         assert len(failed_events) == 1
         assert "NOWHERE" in status and "failed" in status
+        row = dict(zip(sends_report.columns, sends_report.rows[0], strict=True))
+        assert (row["destination"], row["state"], row["kind"]) == ("NOWHERE", "failed", "sr")
         # The command line: a typo is one line; --failed starts the failed send over.
         cfg = tmp_path / "config.toml"
         cfg.write_text(

@@ -157,6 +157,8 @@ def build_sc(source: Dataset, picture: npt.NDArray[np.uint8], task: RenderTask) 
     # Type 2C (General Series): the chest is not a paired part, so empty unless known.
     sc.Laterality = str(source.get("Laterality", "") or "")
     sc.BurnedInAnnotation = "YES"
+    # Made by a program on a workstation, not digitised from film or a video interface.
+    sc.ConversionType = "WSD"
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     sc.ImageComments = banner_text(task).replace("\n", "  ")
     return sc
