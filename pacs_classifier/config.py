@@ -143,6 +143,8 @@ class ResultsConfig:
     timeout_s: float = 30.0
     lease_seconds: int = 300
     poll_interval_ms: int = 500
+    #: While classification jobs wait, rendering and sending wait too, up to this long.
+    max_defer_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -445,6 +447,7 @@ def _validate_results(c: Config, need: typing.Callable[[bool, str, str], None]) 
     need(r.timeout_s > 0, "results.timeout_s", "must be > 0")
     need(r.lease_seconds >= 1, "results.lease_seconds", "must be >= 1")
     need(r.poll_interval_ms >= 1, "results.poll_interval_ms", "must be >= 1")
+    need(r.max_defer_s >= 0, "results.max_defer_s", "must be >= 0")
     seen: set[str] = set()
     for i, d in enumerate(c.destinations):
         key = f"destinations[{i}]"

@@ -5,15 +5,19 @@ In one process, on SQLite in a temporary folder, with the reference bundle (or
 
 A. the worker classifies with ``[results] sr = false, sc_overlay = "off"``: the baseline
    images/s;
-B. the same with ``sr = true, sc_overlay = "positives"`` and the ``sender`` role running
-   in the same process at the same time (render and send threads, as ``serve`` runs by
-   default), sending to a pynetdicom Storage SCP on loopback: the images/s that SPEC §11
-   asks to stay within 10 % of A;
-C. with ``sc_overlay = "all"``, classification first, then each render and each send
+B. the same with ``sr = true`` (overlay off) and the ``sender`` role running in the same
+   process at the same time (render and send threads, as ``serve`` runs by default),
+   sending to a pynetdicom Storage SCP on loopback: the images/s that SPEC §11 asks to
+   stay within 10 % of A;
+C. as B with ``sc_overlay = "positives"``;
+D. with ``sc_overlay = "all"``, classification first, then each render and each send
    timed on its own: milliseconds per SR, per overlay, per C-STORE.
 
-Phases A and B alternate ``--rounds`` times (A B A B …) so drift in the machine's load
-touches both; the ratio is of their medians.
+The images are queued all at once (a backlog), so ``[results] max_defer_s`` (default
+60 s) holds rendering and sending back until the backlog is classified, or until the
+oldest result has waited that long; ``--max-defer-s 0`` measures them competing.
+Phases A, B, C alternate ``--rounds`` times so drift in the machine's load touches all;
+ratios are of medians.
 
     nice -n 10 .venv/bin/python scripts/bench_results.py --count 24 --rounds 2
 """
@@ -66,7 +70,9 @@ def storage_scp(port: int) -> Any:
     )
 
 
-def make_config(work: Path, scp_port: int, *, sr: bool, overlay: str) -> Config:
+def make_config(
+    work: Path, scp_port: int, *, sr: bool, overlay: str, max_defer_s: float = 60.0
+) -> Config:
     return config_from_mapping(
         {
             "database": {"url": f"sqlite:///{work}/pacs.sqlite3"},
@@ -74,7 +80,12 @@ def make_config(work: Path, scp_port: int, *, sr: bool, overlay: str) -> Config:
             "model": {"dir": str(work / "models"), "runtime": "keras"},
             "worker": {"max_batch_wait_ms": 50, "poll_interval_ms": 50},
             "scheduler": {"enabled": False},
-            "results": {"sr": sr, "sc_overlay": overlay, "poll_interval_ms": 50},
+            "results": {
+                "sr": sr,
+                "sc_overlay": overlay,
+                "poll_interval_ms": 50,
+                "max_defer_s": max_defer_s,
+            },
             "destinations": [{"ae_title": "BENCH_PACS", "host": "127.0.0.1", "port": scp_port}],
         },
         base_dir=work,
@@ -127,6 +138,30 @@ def classify(db: Database, config: Config, files: Sequence[Path], worker: Worker
     return len(files) / (time.perf_counter() - start)
 
 
+def with_sender(
+    db: Database, config: Config, files: Sequence[Path], worker: Worker, sender_on: bool
+) -> float:
+    """Images/s of ``classify`` with the sender's threads running beside it (when on)."""
+    if not sender_on:
+        return classify(db, config, files, worker)
+    sender = ResultsWorker(db, config)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=sender.run_render, args=(stop,)),
+        threading.Thread(target=sender.run_send, args=(stop,)),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        rate = classify(db, config, files, worker)
+        sender.drain(timeout_s=3600)  # what is left after classification, not measured
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return rate
+
+
 def run(args: argparse.Namespace, work: Path) -> None:
     from pacs_classifier.db.migrate import upgrade
     from pacs_classifier.infer.registry import register_bundle
@@ -139,41 +174,40 @@ def run(args: argparse.Namespace, work: Path) -> None:
     db = Database(off.database_url)
     row = register_bundle(db, bundle, off.model_dir, actor="bench", activate=True)
     size = args.size
-    on = make_config(work, scp_port, sr=True, overlay="positives")
+    phases = {
+        "A": off,
+        "B": make_config(work, scp_port, sr=True, overlay="off", max_defer_s=args.max_defer_s),
+        "C": make_config(
+            work, scp_port, sr=True, overlay="positives", max_defer_s=args.max_defer_s
+        ),
+    }
     worker = Worker(db, off)
     # Warm-up: the model loads on the first batch; not measured.
     classify(db, off, generate_chest_files(work / "warm", 4, size, seed=99), worker)
-    rates: dict[str, list[float]] = {"A": [], "B": []}
+    rates: dict[str, list[float]] = {name: [] for name in phases}
     for r in range(args.rounds):
-        a = generate_chest_files(work / f"a{r}", args.count, size, seed=2 * r)
-        b = generate_chest_files(work / f"b{r}", args.count, size, seed=2 * r + 1)
-        rates["A"].append(classify(db, off, a, worker))
-        sender = ResultsWorker(db, on)
-        stop = threading.Event()
-        threads = [
-            threading.Thread(target=sender.run_render, args=(stop,)),
-            threading.Thread(target=sender.run_send, args=(stop,)),
-        ]
-        for t in threads:
-            t.start()
-        rates["B"].append(classify(db, on, b, worker))
-        sender.drain(timeout_s=3600)  # what is left after classification, not measured
-        stop.set()
-        for t in threads:
-            t.join()
-    # C: per-object costs, each render and send timed on its own.
+        for n, (name, config) in enumerate(phases.items()):
+            files = generate_chest_files(work / f"{name}{r}", args.count, size, seed=10 * r + n)
+            rates[name].append(with_sender(db, config, files, worker, name != "A"))
+    # D: per-object costs, each render and send timed on its own.
     every = make_config(work, scp_port, sr=True, overlay="all")
-    c = generate_chest_files(work / "c", max(4, args.count // 4), size, seed=1000)
-    classify(db, every, c, worker)
+    d = generate_chest_files(work / "d", max(4, args.count // 4), size, seed=1000)
+    classify(db, every, d, worker)
     render_ms, send_ms = per_object_costs(db, ResultsWorker(db, every))
     scp.shutdown()
     db.dispose()
-    a_med, b_med = statistics.median(rates["A"]), statistics.median(rates["B"])
+    base = statistics.median(rates["A"])
     print(f"machine: {machine()}; {load_average()}")
     print(f"model: {described}, {row.image_size} px, keras runtime; images {size}² px")
-    print(f"A  SR off, overlay off                  images/s: {_fmt(rates['A'])}")
-    print(f"B  SR on, overlay positives, sender on  images/s: {_fmt(rates['B'])}")
-    print(f"B/A (medians): {b_med / a_med:.3f}")
+    print(f"max_defer_s = {args.max_defer_s}; {args.count} images per phase and round")
+    labels = {
+        "A": "SR off, overlay off",
+        "B": "SR on, overlay off, sender on",
+        "C": "SR on, overlay positives, sender on",
+    }
+    for name, label in labels.items():
+        ratio = statistics.median(rates[name]) / base
+        print(f"{name}  {label:<36} images/s: {_fmt(rates[name])}  (median / A: {ratio:.3f})")
     for kind, label in ((ResultKind.SR, "SR"), (ResultKind.SC, "Grad-CAM overlay")):
         print(
             f"render {label:<17} ms/object: {_ms(render_ms[str(kind)])}   "
@@ -244,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds")
     parser.add_argument("--size", type=int, default=1024, help="generated image side (px)")
     parser.add_argument("--bundle", type=Path, help="model bundle (default: models/reference)")
+    parser.add_argument(
+        "--max-defer-s", type=float, default=60.0, help="[results] max_defer_s for B and C"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:

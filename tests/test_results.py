@@ -207,7 +207,15 @@ def test_a_changed_label_supersedes_the_sr(
                 )
             )
     assert [len(p) for p in planned] == [1, 0, 2]  # the PNEUMONIA one also gets an overlay
-    ResultsWorker(db, config).drain(timeout_s=120)
+    results = ResultsWorker(db, config)
+    assert not results.defer(results.renders)  # no classification backlog
+    add_instances(db, [dicom_dir / CHEST])  # a classify job waits: results wait too
+    assert results.defer(results.renders)
+    never = ResultsWorker(
+        db, make_config(tmp_path, config.database.url, results={"max_defer_s": 0})
+    )
+    assert not never.defer(never.renders)
+    results.drain(timeout_s=120)
     with db.session() as s:
         srs = list(
             s.execute(

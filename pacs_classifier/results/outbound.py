@@ -35,6 +35,7 @@ from pacs_classifier.db.audit import append_event
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import (
     Instance,
+    Job,
     JobState,
     Label,
     Model,
@@ -234,7 +235,7 @@ class SendTask:
     sop_instance_uid: str
 
 
-class _Leased:
+class LeasedQueue:
     """Claiming, releasing and retrying for a table with the job columns."""
 
     table: Any = None
@@ -245,6 +246,16 @@ class _Leased:
         self.policy = policy
         self.worker_id = worker_id
         self.actor = actor
+
+    def oldest_due(self, session: Session, now: datetime) -> datetime | None:
+        """When the oldest row that could be claimed now was queued."""
+        t = self.table
+        oldest: datetime | None = session.scalar(
+            select(func.min(t.created_at)).where(
+                t.state == JobState.QUEUED, or_(t.not_before.is_(None), t.not_before <= now)
+            )
+        )
+        return oldest
 
     def _claim_ids(self, session: Session, limit: int, now: datetime) -> list[int]:
         t = self.table
@@ -350,7 +361,7 @@ class _Leased:
         raise NotImplementedError
 
 
-class RenderQueue(_Leased):
+class RenderQueue(LeasedQueue):
     table = ResultObject
     entity = "result_object"
 
@@ -465,7 +476,7 @@ class RenderQueue(_Leased):
         )
 
 
-class SendQueue(_Leased):
+class SendQueue(LeasedQueue):
     table = SendJob
     entity = "send_job"
 
@@ -578,6 +589,16 @@ def requeue_sends(
             },
         )
     return len(ids)
+
+
+def classification_waiting(session: Session, now: datetime) -> bool:
+    """Whether a classification job is queued and due (the workers have a backlog)."""
+    due = session.execute(
+        select(Job.id)
+        .where(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now))
+        .limit(1)
+    ).first()
+    return due is not None
 
 
 def send_counts(session: Session) -> dict[tuple[str, str], int]:

@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from pacs_classifier.config import Config, DestinationConfig
 from pacs_classifier.db.engine import Database
+from pacs_classifier.db.models import utcnow
 from pacs_classifier.errors import PermanentError, RetryableError
 from pacs_classifier.queue.jobs import default_worker_id
-from pacs_classifier.results.outbound import Failure, RenderQueue, RetryPolicy, SendQueue
+from pacs_classifier.results.outbound import (
+    Failure,
+    LeasedQueue,
+    RenderQueue,
+    RetryPolicy,
+    SendQueue,
+    classification_waiting,
+)
 from pacs_classifier.results.sender import (
     DestinationRefused,
     DestinationUnavailable,
@@ -123,8 +131,29 @@ class ResultsWorker:
 
     # ------------------------------------------------------------------ loops
 
+    def defer(self, queue: LeasedQueue) -> bool:
+        """Whether to leave ``queue`` alone for now: classification goes first.
+
+        Rendering and sending compete with the workers for CPU when they share a machine;
+        while classification jobs wait, results wait too, unless the oldest due result has
+        waited ``max_defer_s`` already (a backlog that never ends must not starve them).
+        """
+        limit = self.config.results.max_defer_s
+        if limit <= 0:
+            return False
+        now = utcnow()
+        with self.db.read_session() as session:
+            if not classification_waiting(session, now):
+                return False
+            oldest = queue.oldest_due(session, now)
+        return oldest is None or (now - oldest).total_seconds() < limit
+
     def _loop(
-        self, step: Callable[[], int], reclaim: Callable[[], int], stop: threading.Event
+        self,
+        step: Callable[[], int],
+        reclaim: Callable[[], int],
+        stop: threading.Event,
+        queue: LeasedQueue,
     ) -> None:
         import time
 
@@ -139,7 +168,7 @@ class ResultsWorker:
                     log.warning("results: %s; retrying", exc)
                 next_reclaim = time.monotonic() + every
             try:
-                busy = step()
+                busy = 0 if self.defer(queue) else step()
             except RetryableError as exc:
                 log.warning("results: %s; retrying", exc)
                 busy = 0
@@ -147,10 +176,10 @@ class ResultsWorker:
                 stop.wait(poll)
 
     def run_render(self, stop: threading.Event) -> None:
-        self._loop(self.render_once, self.renders.reclaim_expired, stop)
+        self._loop(self.render_once, self.renders.reclaim_expired, stop, self.renders)
 
     def run_send(self, stop: threading.Event) -> None:
-        self._loop(self.send_once, self.sends.reclaim_expired, stop)
+        self._loop(self.send_once, self.sends.reclaim_expired, stop, self.sends)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Render and send until nothing is due (tests, ``demo``)."""
