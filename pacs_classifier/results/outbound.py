@@ -45,6 +45,7 @@ from pacs_classifier.db.models import (
     SendJob,
     utcnow,
 )
+from pacs_classifier.results.sr import Predecessor
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class RenderTask:
     model_version: str
     model_sha256: str
     model_path: str
-    predecessor: tuple[str, str, str, str] | None  # class, instance, series, study UIDs
+    predecessor: Predecessor | None
 
 
 @dataclass(frozen=True)
@@ -385,11 +386,11 @@ class RenderQueue(LeasedQueue):
                 if obj.predecessor_id is not None:
                     pre = session.get(ResultObject, obj.predecessor_id)
                     if pre is not None:
-                        predecessor = (
-                            pre.sop_class_uid,
-                            pre.sop_instance_uid,
-                            pre.series_instance_uid,
-                            pre.study_instance_uid,
+                        predecessor = Predecessor(
+                            sop_class_uid=pre.sop_class_uid,
+                            sop_instance_uid=pre.sop_instance_uid,
+                            series_instance_uid=pre.series_instance_uid,
+                            study_instance_uid=pre.study_instance_uid,
                         )
                 tasks.append(
                     RenderTask(

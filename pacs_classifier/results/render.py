@@ -22,7 +22,7 @@ from pacs_classifier.config import Config
 from pacs_classifier.db.models import ResultKind
 from pacs_classifier.errors import NotAssessable, PermanentError
 from pacs_classifier.results.outbound import RenderTask
-from pacs_classifier.results.sr import ObjectUids, Predecessor, SrContent, build_sr
+from pacs_classifier.results.sr import ObjectUids, SrContent, build_sr
 from pacs_classifier.store.storage import check_uid, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
@@ -74,7 +74,6 @@ def read_source(config: Config, task: RenderTask, *, pixels: bool) -> Dataset:
 
 def render_sr(config: Config, task: RenderTask) -> Dataset:
     """The SR dataset of a task."""
-    predecessor = None if task.predecessor is None else Predecessor(*task.predecessor)
     return build_sr(
         read_source(config, task, pixels=False),
         SrContent(
@@ -85,7 +84,7 @@ def render_sr(config: Config, task: RenderTask) -> Dataset:
             model_sha256=task.model_sha256,
         ),
         ObjectUids(task.sop_instance_uid, task.series_instance_uid, task.object_id),
-        predecessor,
+        task.predecessor,
     )
 
 
