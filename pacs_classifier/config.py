@@ -118,6 +118,43 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DestinationTlsConfig:
+    enabled: bool = False
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One ``[[destinations]]`` entry: a DICOM peer our results are sent to (SPEC §11)."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    send: tuple[str, ...] = ("sr", "sc")
+    tls: DestinationTlsConfig = field(default_factory=DestinationTlsConfig)
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    """``[results]``: which DICOM objects are made from results, and how sends retry."""
+
+    sr: bool = True
+    sc_overlay: str = "positives"
+    max_attempts: int = 8
+    retry_backoff_s: float = 10.0
+    retry_backoff_max_s: float = 900.0
+    #: Attempts after which a refusal (association rejected, failure status) is final.
+    refused_attempts: int = 2
+    timeout_s: float = 30.0
+    lease_seconds: int = 300
+    poll_interval_ms: int = 500
+    #: While classification jobs wait, rendering and sending wait too, up to this long.
+    max_defer_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -127,6 +164,8 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
     #: Folder of the configuration file; relative paths are resolved against it.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
 
@@ -150,6 +189,8 @@ class Config:
 
 
 _RUNTIMES = ("auto", "keras", "onnx", "tflite-int8")
+SC_OVERLAY_MODES = ("off", "positives", "all")
+SEND_KINDS = ("sr", "sc")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -408,8 +449,61 @@ def _validate(c: Config) -> None:
     except (KeyError, ValueError, OSError):
         raise ConfigError(f"scheduler.timezone: unknown time zone {s.timezone!r}") from None
     need(s.misfire_grace_s >= 1, "scheduler.misfire_grace_s", "must be >= 1")
+    _validate_results(c, need)
     need(
         c.logging.level.upper() in _LOG_LEVELS,
         "logging.level",
         f"must be one of {', '.join(_LOG_LEVELS)}",
     )
+
+
+def _valid_ae(ae: str) -> bool:
+    return 0 < len(ae) <= 16 and ae.isascii() and "\\" not in ae and ae.strip() == ae
+
+
+def _validate_results(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:
+    r = c.results
+    need(
+        r.sc_overlay in SC_OVERLAY_MODES,
+        "results.sc_overlay",
+        f"must be one of {', '.join(SC_OVERLAY_MODES)}, received {r.sc_overlay!r}",
+    )
+    need(r.max_attempts >= 1, "results.max_attempts", "must be >= 1")
+    need(r.refused_attempts >= 1, "results.refused_attempts", "must be >= 1")
+    need(r.retry_backoff_s >= 0, "results.retry_backoff_s", "must be >= 0")
+    need(
+        r.retry_backoff_max_s >= r.retry_backoff_s,
+        "results.retry_backoff_max_s",
+        "must be >= results.retry_backoff_s",
+    )
+    need(r.timeout_s > 0, "results.timeout_s", "must be > 0")
+    need(r.lease_seconds >= 1, "results.lease_seconds", "must be >= 1")
+    need(r.poll_interval_ms >= 1, "results.poll_interval_ms", "must be >= 1")
+    need(r.max_defer_s >= 0, "results.max_defer_s", "must be >= 0")
+    seen: set[str] = set()
+    for i, d in enumerate(c.destinations):
+        key = f"destinations[{i}]"
+        need(
+            _valid_ae(d.ae_title),
+            f"{key}.ae_title",
+            f"must be 1-16 ASCII characters, received {d.ae_title!r}",
+        )
+        # send jobs name their destination by AE title: it must say which one.
+        need(d.ae_title not in seen, f"{key}.ae_title", f"{d.ae_title!r} is listed twice")
+        seen.add(d.ae_title)
+        need(bool(d.host), f"{key}.host", "must not be empty")
+        need(0 < d.port < 65536, f"{key}.port", f"must be 1-65535, received {d.port}")
+        for kind in d.send:
+            need(
+                kind in SEND_KINDS,
+                f"{key}.send",
+                f"must list any of {', '.join(SEND_KINDS)}, received {kind!r}",
+            )
+        if d.tls.enabled:
+            for name in ("cert", "key", "ca"):
+                value = getattr(d.tls, name)
+                need(
+                    not value or c.path(value).is_file(),
+                    f"{key}.tls.{name}",
+                    f"file not found: {value!r}",
+                )

@@ -71,6 +71,20 @@ def test_missing_default_file_means_defaults(
             '[listener]\ntls = { enabled = true, cert = "no.pem", key = "no.key" }\n',
             "listener.tls.cert: file not found",
         ),
+        ('[results]\nsc_overlay = "some"\n', "results.sc_overlay: must be one of off, positives"),
+        ("[results]\nretry_backoff_max_s = 1\n", "results.retry_backoff_max_s: must be >="),
+        (
+            '[[destinations]]\nae_title = "PACS"\nhost = "h"\nsend = ["pdf"]\n',
+            "destinations[0].send",
+        ),
+        ('[[destinations]]\nae_title = "PACS"\nhost = "h"\nprot = 1\n', "destinations[0].prot"),
+        ('[[destinations]]\nae_title = ""\nhost = "h"\n', "destinations[0].ae_title: must be"),
+        ('[[destinations]]\nae_title = "P"\n', "destinations[0].host: must not be empty"),
+        (
+            '[[destinations]]\nae_title = "P"\nhost = "h"\n[[destinations]]\nae_title = "P"\n'
+            'host = "i"\n',
+            "destinations[1].ae_title: 'P' is listed twice",
+        ),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, body: str, expected: str) -> None:
@@ -211,3 +225,20 @@ def test_tls_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     )
     config = load_config(path, environ={})
     assert config.path(config.listener.tls.cert) == tmp_path / "cert.pem"
+
+
+def test_destinations_are_a_typed_list(tmp_path: Path) -> None:
+    body = (
+        '[[destinations]]\nae_title = "PACS"\nhost = "pacs.example"\nport = 104\n'
+        'send = ["sr"]\ntls = { enabled = false }\n'
+        '[results]\nsc_overlay = "all"\n'
+    )
+    config = load_config(_write(tmp_path, body), environ={})
+    (dest,) = config.destinations
+    assert (dest.ae_title, dest.host, dest.port, dest.send) == (
+        "PACS",
+        "pacs.example",
+        104,
+        ("sr",),
+    )
+    assert config.results.sc_overlay == "all"

@@ -46,6 +46,7 @@ def test_demo_trains_serves_the_reference_model_and_prints_reports(tmp_path: Pat
         "== report turnaround",
         "== report unclassified",
         "== report audit_trail",
+        "== results back to the PACS",
     ):
         assert section in out
     assert "status 0x0000" in out
@@ -56,6 +57,9 @@ def test_demo_trains_serves_the_reference_model_and_prints_reports(tmp_path: Pat
     assert "validation AUC" in out
     assert proc.stderr == "", proc.stderr  # no log lines, no library chatter
     assert "0xa700" not in out.lower()  # no C-STORE was refused for want of resources
+    assert " SR  DEMO_PACS (done)  kept at " in out
+    received = list((workdir / "pacs").glob("*.dcm"))
+    assert len(received) >= 6  # an SR per classified instance, plus the overlays
 
     (db_file,) = workdir.rglob("*.sqlite3")
     engine = create_engine(f"sqlite:///{db_file}")

@@ -13,7 +13,10 @@
    samples of ``../shared/data/dicom`` when that folder is there, and sends them all over a
    real DICOM association (C-STORE);
 5. waits for their results and prints them (file, SOP Instance UID, label, probability,
-   beside the threshold that decides the label) and the reports.
+   beside the threshold that decides the label) and the reports;
+6. renders the DICOM SR of each result and a Grad-CAM overlay of each PNEUMONIA result,
+   sends them by C-STORE to a stand-in PACS (a Storage SCP in this process, ``DEMO_PACS``)
+   and prints where each one went.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ DEMO_DATA = PACKAGE_DIR / "demo_data"
 REPO_DIR = PACKAGE_DIR.parent
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 CALLING_AE = "DEMO_SCU"
+#: The stand-in PACS the demo sends its SRs and overlays to.
+DEMO_PACS = "DEMO_PACS"
 #: The shipped sample is 224 px; the default eligibility asks for 256 on the short side.
 DEMO_MIN_SHORT_SIDE = 224
 
@@ -148,6 +153,7 @@ class Demo:
         #: SOP Instance UID -> the name of the file it was sent from.
         self.sent: dict[str, str] = {}
         w = opts.workdir
+        self.pacs_port = _free_port()
         self.config = config_from_mapping(
             {
                 "database": {"url": f"sqlite:///{w / 'demo.sqlite3'}"},
@@ -157,6 +163,10 @@ class Demo:
                 "eligibility": {"min_short_side_px": DEMO_MIN_SHORT_SIDE},
                 "worker": {"batch_size": 8, "max_batch_wait_ms": 200, "poll_interval_ms": 100},
                 "scheduler": {"enabled": False},
+                "results": {"sc_overlay": "positives", "retry_backoff_s": 1},
+                "destinations": [
+                    {"ae_title": DEMO_PACS, "host": "127.0.0.1", "port": self.pacs_port}
+                ],
             },
             base_dir=w,
         )
@@ -180,6 +190,7 @@ class Demo:
             finally:
                 stop()
             self.print_reports(app)
+            self.send_results(app)
             _say(f"demo finished in {time.monotonic() - started:.0f} s (active model {active})")
         finally:
             app.close()
@@ -360,6 +371,57 @@ class Demo:
                 _say(f"report {name}: {report.title}")
                 result = queries.run(session, report, study=study)
                 print(queries.render(result, "table"))
+
+    def send_results(self, app: Any) -> None:
+        """Render SRs and overlays, send them to a stand-in PACS, say where they went."""
+        from pynetdicom import AE, evt
+        from sqlalchemy import select
+
+        from pacs_classifier.db.models import Instance, ResultObject, SendJob
+        from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
+        from pacs_classifier.results.role import ResultsWorker
+
+        inbox = self.opts.workdir / "pacs"
+        inbox.mkdir(exist_ok=True)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            ds.save_as(inbox / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            return 0x0000
+
+        ae = AE(ae_title=DEMO_PACS)
+        ae.add_supported_context(COMPREHENSIVE_3D_SR)
+        ae.add_supported_context(SECONDARY_CAPTURE)
+        server = ae.start_server(
+            ("127.0.0.1", self.pacs_port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        if server is None:  # pragma: no cover - block=False always returns the server
+            raise PermanentError("the stand-in PACS did not start")
+        _say(
+            f"results back to the PACS: SRs and overlays to {DEMO_PACS}@127.0.0.1:{self.pacs_port}"
+        )
+        try:
+            ResultsWorker(app.db, self.config).drain(timeout_s=600)
+        finally:
+            server.shutdown()
+        with app.db.session() as session:
+            rows = session.execute(
+                select(Instance.accession_number, ResultObject, SendJob.state, SendJob.destination)
+                .join(ResultObject, ResultObject.instance_id == Instance.id)
+                .outerjoin(SendJob, SendJob.object_id == ResultObject.id)
+                .order_by(ResultObject.id)
+            ).all()
+        root = self.config.storage_root
+        for accession, obj, state, destination in rows:
+            kept = root / obj.file_path if obj.file_path else None
+            where = f"{destination} ({state})" if destination else "not sent"
+            print(f"  {accession or '-':<12} {obj.kind.upper()}  {where}  kept at {kept}")
+            if obj.kind == "sc" and kept is not None:
+                print(f"  {'':<12}     overlay picture {kept.with_suffix('.png')}")
+        print(f"the stand-in PACS received {len(list(inbox.glob('*.dcm')))} objects in {inbox}")
 
 
 def wrap_as_cr(jpeg: Path, out: Path, n: int) -> Path:

@@ -1,4 +1,4 @@
-"""``serve [--roles listener,worker,scheduler]``: run the daemon.
+"""``serve [--roles listener,worker,scheduler,sender]``: run the daemon.
 
 Each role is a function that starts it from the :class:`~pacs_classifier.wiring.App` and
 returns the function that stops it; adding a role is one entry in :data:`ROLES`. The
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 StopRole = Callable[[], None]
 StartRole = Callable[[App], StopRole]
 
-#: SPEC §2 names three roles; these are the ones this version can run.
-KNOWN_ROLES = ("listener", "worker", "scheduler")
+#: The roles SPEC §2 names; :data:`ROLES` holds the ones this version can run.
+KNOWN_ROLES = ("listener", "worker", "scheduler", "sender", "web")
 
 
 class RoleError(PermanentError):
@@ -57,20 +57,28 @@ def start_scheduler(app: App) -> StopRole:
     return start_role(app)
 
 
+def start_sender(app: App) -> StopRole:
+    """Render result objects (SR, overlay) and send them to the destinations (SPEC §11)."""
+    from pacs_classifier.results.role import start_role
+
+    return start_role(app)
+
+
 #: Role name → start function. A new role (worker, scheduler) is one line here.
 ROLES: dict[str, StartRole] = {
     "listener": start_listener,
     "worker": start_worker,
     "scheduler": start_scheduler,
+    "sender": start_sender,
 }
 
-#: SPEC §2: all three roles by default, in start order.
+#: SPEC §2: every available role by default, in start order.
 DEFAULT_ROLES: tuple[str, ...] = tuple(r for r in KNOWN_ROLES if r in ROLES)
 
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "serve", help="run the daemon (listener, worker, scheduler)"
+        "serve", help="run the daemon (listener, worker, scheduler, sender)"
     )
     p.add_argument(
         "--roles",

@@ -4,7 +4,7 @@ where the listener listens. Read-only; refuses on a schema older than this code.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +47,10 @@ class Status:
     jobs: dict[tuple[str, str], int]
     active_model: ModelInfo | None
     last_run: RunInfo | None
+    #: (destination AE, state) -> number of send jobs (SPEC §11).
+    sends: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (kind, state) -> number of result objects (SR, overlay) to render.
+    renders: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def register(sub: Any) -> None:
@@ -83,7 +87,11 @@ def read_status(session: Session) -> Status:
         .order_by(ReclassificationRun.started_at.desc(), ReclassificationRun.id.desc())
         .limit(1)
     ).scalar_one_or_none()
+    from pacs_classifier.results.outbound import render_counts, send_counts
+
     return Status(
+        sends=send_counts(session),
+        renders=render_counts(session),
         jobs=jobs,
         active_model=None
         if model is None
@@ -117,6 +125,15 @@ def format_status(status: Status, config: Config) -> str:
     out = [f"{name:<{width}}  {value}" for name, value in lines]
     out.append("")
     out.extend(_jobs_table(status.jobs))
+    destinations = [d.ae_title for d in config.destinations]
+    destinations += sorted({d for d, _ in status.sends} - set(destinations))
+    if destinations or status.renders:
+        out.append("")
+        renders = {(s, k): n for (k, s), n in status.renders.items()}
+        out.extend(_table("results", ["sr", "sc"], renders))
+    if destinations:
+        out.append("")
+        out.extend(_table("sends", destinations, {(s, d): n for (d, s), n in status.sends.items()}))
     return "\n".join(out)
 
 
@@ -138,8 +155,12 @@ def _run_line(run: RunInfo | None) -> str:
 
 
 def _jobs_table(jobs: dict[tuple[str, str], int]) -> list[str]:
-    kinds = [k.value for k in JobKind]
-    header = ["jobs", *kinds, "total"]
+    return _table("jobs", [k.value for k in JobKind], jobs)
+
+
+def _table(title: str, kinds: list[str], jobs: dict[tuple[str, str], int]) -> list[str]:
+    """Rows per state, a column per kind (or destination), from ``(state, kind)`` counts."""
+    header = [title, *kinds, "total"]
     body: list[list[str]] = []
     for state in JobState:
         counts = [jobs.get((state.value, kind), 0) for kind in kinds]

@@ -231,6 +231,74 @@ class ReclassificationRun(Base):
     state: Mapped[RunState] = mapped_column(_enum(RunState, "run_state"), default=RunState.RUNNING)
 
 
+class ResultKind(enum.StrEnum):
+    """A DICOM object made from a result (SPEC §11)."""
+
+    SR = "sr"
+    SC = "sc"
+
+
+class ResultObject(Base):
+    """One DICOM object made from a prediction, and its render job.
+
+    The UIDs are chosen when the row is inserted (with the prediction), so rendering
+    again after a crash, or sending again after a failure, always yields the same object.
+    ``state`` is the render job's (``queued → running → done | failed``); ``file_path``
+    (relative to the storage root) is set once the object is written.
+    """
+
+    __tablename__ = "result_objects"
+    __table_args__ = (
+        Index("ix_result_objects_state_lease_until", "state", "lease_until"),
+        Index("ix_result_objects_instance_id", "instance_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind, "result_kind"))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    #: The SR this one supersedes (Predecessor Documents Sequence), if any.
+    predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("result_objects.id"))
+    state: Mapped[JobState] = mapped_column(
+        _enum(JobState, "result_state"), default=JobState.QUEUED
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    file_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class SendJob(Base):
+    """One C-STORE of one result object to one destination (its AE title), under a lease."""
+
+    __tablename__ = "send_jobs"
+    __table_args__ = (
+        UniqueConstraint("object_id", "destination", name="uq_send_jobs_object_destination"),
+        Index("ix_send_jobs_state_lease_until", "state", "lease_until"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"))
+    destination: Mapped[str] = mapped_column(String(16))
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "send_state"), default=JobState.QUEUED)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
 class AuditEvent(Base):
     """Append-only, hash-chained: ``hash = sha256(prev_hash + canonical row)``."""
 

@@ -45,6 +45,7 @@ from pacs_classifier.infer.runtime import Predictor, load_predictor
 from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, QueuePolicy
 from pacs_classifier.queue.liveness import WORKERS_DIR_NAME, WorkerLocks
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
+from pacs_classifier.results.outbound import plan_results
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +317,16 @@ class Worker:
                     run_id=job.run_id,
                     job_id=job.id,
                 )
+                label = label_for(probability, model.threshold)
+                if pred_id is not None:
+                    plan_results(
+                        session,
+                        self.config.results,
+                        instance_id=job.instance_id,
+                        prediction_id=pred_id,
+                        label=label,
+                        actor=self.jobs.actor,
+                    )
                 self.jobs.mark_done(
                     session,
                     job,
@@ -324,7 +335,7 @@ class Worker:
                         "duplicate": pred_id is None,
                         "model_version": model.version,
                         "probability": round(probability, 6),
-                        "label": label,
+                        "label": str(label),
                         "threshold": model.threshold,
                         "run_id": job.run_id,
                     },

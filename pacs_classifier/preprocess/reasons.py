@@ -26,6 +26,10 @@ BAD_DIMENSIONS: Final = "bad_dimensions"
 #: (preprocess/integrity.py).
 CORRUPT_IMAGE: Final = "corrupt_image"
 
+# Provenance: what the instance is, whatever its pixels.
+#: An object this daemon made (SR, Grad-CAM overlay) that came back to its listener.
+OWN_OUTPUT: Final = "own_output"
+
 ALL: Final[frozenset[str]] = frozenset(
     {
         MODALITY,
@@ -40,5 +44,6 @@ ALL: Final[frozenset[str]] = frozenset(
         TOO_LARGE,
         BAD_DIMENSIONS,
         CORRUPT_IMAGE,
+        OWN_OUTPUT,
     }
 )

@@ -38,8 +38,10 @@ from sqlalchemy.orm import Session
 
 from pacs_classifier.db.audit import append_event, lock_chain
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import Instance, Job, JobKind
+from pacs_classifier.db.models import Instance, Job, JobKind, JobState
 from pacs_classifier.errors import DatabaseUnavailable
+from pacs_classifier.preprocess import reasons
+from pacs_classifier.results.outbound import is_own_output
 from pacs_classifier.store.storage import Intent, Storage, fsync_file
 
 log = logging.getLogger(__name__)
@@ -364,6 +366,12 @@ class Ingestor:
         session.add(instance)
         session.flush()
         job = Job(instance_id=instance.id, kind=JobKind.CLASSIFY)
+        own = is_own_output(session, meta.sop_instance_uid)
+        if own:
+            # An SR or overlay we made, echoed back by a PACS that forwards everything:
+            # kept like any instance, never classified (an overlay is not a radiograph).
+            job.state = JobState.NOT_ASSESSED
+            job.reason = reasons.OWN_OUTPUT
         session.add(job)
         session.flush()
         outcome = IngestOutcome.STORED if version == 1 else IngestOutcome.NEW_VERSION
@@ -381,6 +389,7 @@ class Ingestor:
                 "job_id": job.id,
                 "file_path": instance.file_path,
                 "transfer_syntax_uid": meta.transfer_syntax_uid,
+                **({"not_assessed": reasons.OWN_OUTPUT} if own else {}),
             },
         )
         if warnings:
