@@ -1,4 +1,4 @@
-"""``serve [--roles listener,worker,scheduler]``: run the daemon.
+"""``serve [--roles listener,worker,scheduler,web]``: run the daemon.
 
 Each role is a function that starts it from the :class:`~pacs_classifier.wiring.App` and
 returns the function that stops it; adding a role is one entry in :data:`ROLES`. The
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 StopRole = Callable[[], None]
 StartRole = Callable[[App], StopRole]
 
-#: SPEC §2 names three roles; these are the ones this version can run.
-KNOWN_ROLES = ("listener", "worker", "scheduler")
+#: SPEC §2's roles (``sender`` arrives with the results-to-PACS work).
+KNOWN_ROLES = ("listener", "worker", "scheduler", "sender", "web")
 
 
 class RoleError(PermanentError):
@@ -57,20 +57,28 @@ def start_scheduler(app: App) -> StopRole:
     return start_role(app)
 
 
-#: Role name → start function. A new role (worker, scheduler) is one line here.
+def start_web(app: App) -> StopRole:
+    """Health, /metrics, the JSON API and the dashboard (SPEC §12)."""
+    from pacs_classifier.web.server import start_role
+
+    return start_role(app)
+
+
+#: Role name → start function. A new role is one line here.
 ROLES: dict[str, StartRole] = {
     "listener": start_listener,
     "worker": start_worker,
     "scheduler": start_scheduler,
+    "web": start_web,
 }
 
-#: SPEC §2: all three roles by default, in start order.
+#: SPEC §2: every available role by default, in start order.
 DEFAULT_ROLES: tuple[str, ...] = tuple(r for r in KNOWN_ROLES if r in ROLES)
 
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "serve", help="run the daemon (listener, worker, scheduler)"
+        "serve", help="run the daemon (listener, worker, scheduler, web)"
     )
     p.add_argument(
         "--roles",
