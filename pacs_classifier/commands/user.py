@@ -14,14 +14,6 @@ import sys
 from typing import Any
 
 from pacs_classifier.db.models import UserRole
-from pacs_classifier.web.auth import (
-    UserError,
-    add_api_token,
-    add_user,
-    check_password_rules,
-    disable_user,
-    list_users,
-)
 from pacs_classifier.wiring import load_app
 
 ORDER = 75
@@ -53,6 +45,8 @@ def _actor() -> str:
 
 def read_password() -> str:
     """From the terminal (twice, not echoed) or the first line of stdin."""
+    from pacs_classifier.web.auth import UserError, check_password_rules
+
     if sys.stdin.isatty():
         first = getpass.getpass("Password: ")
         check_password_rules(first)
@@ -66,6 +60,8 @@ def read_password() -> str:
 
 
 def run_add(args: argparse.Namespace) -> int:
+    from pacs_classifier.web.auth import add_user
+
     password = read_password()
     app = load_app(args)
     try:
@@ -78,6 +74,8 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from pacs_classifier.web.auth import list_users
+
     app = load_app(args)
     try:
         with app.checked_db().read_session() as session:
@@ -92,6 +90,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_disable(args: argparse.Namespace) -> int:
+    from pacs_classifier.web.auth import disable_user
+
     app = load_app(args)
     try:
         with app.checked_db().session() as session:
@@ -103,6 +103,8 @@ def run_disable(args: argparse.Namespace) -> int:
 
 
 def run_token(args: argparse.Namespace) -> int:
+    from pacs_classifier.web.auth import add_api_token
+
     app = load_app(args)
     try:
         with app.checked_db().session() as session:

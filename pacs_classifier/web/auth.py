@@ -16,6 +16,7 @@ password.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -44,9 +45,13 @@ ACTION_TOKEN_ADD = "user.token"  # noqa: S105 - an audit action name
 ENTITY_USER = "user"
 
 _hasher = PasswordHasher()
-#: Verified against when the name is unknown, so a wrong name costs as long as a wrong
-#: password and response times do not reveal which accounts exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the name is unknown, so a wrong name costs as long as a wrong
+    password and response times do not reveal which accounts exist."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 class UserError(PermanentError):
@@ -201,7 +206,7 @@ def authenticate(session: Session, name: str, password: str, *, peer: str) -> Us
     ).scalar_one_or_none()
     reason = ""
     if user is None:
-        _verify(_DUMMY_HASH, password)
+        _verify(_dummy_hash(), password)
         reason = "unknown user"
     elif not _verify(user.password_hash, password):
         reason = "wrong password"
