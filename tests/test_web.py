@@ -346,3 +346,40 @@ def test_user_commands_read_the_password_from_stdin_never_argv(
         assert all(PASSWORD not in json.dumps(d) and token not in json.dumps(d) for d in stored)
     finally:
         db.dispose()
+
+
+def test_listener_health_in_process_and_probed_without_eating_association_slots(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    import socket
+
+    from pacs_classifier.web.health import HealthChecks
+    from pacs_classifier.wiring import App
+
+    config = make_config(tmp_path, sqlite_url)
+    db = Database(sqlite_url)
+    listener = App(config).listener()
+    listener.start()
+    try:
+        local = HealthChecks(config, db, local_listener=listener).listener()
+        assert local.ok and "serving in this process" in local.detail
+    finally:
+        listener.stop()
+    assert not HealthChecks(config, db, local_listener=listener).listener().ok
+
+    # Another process's listener is probed over TCP; pynetdicom keeps a slot for a silent
+    # connection until its ACSE timeout, so one probe answers for that long.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        probed = make_config(tmp_path, sqlite_url, listener={"port": port})
+        checks = HealthChecks(probed, db)
+        assert all(checks.listener().ok for _ in range(3))
+        server.accept()[0].close()
+        with pytest.raises(TimeoutError):
+            server.accept()  # the second and third answers came from the first probe
+    refused = HealthChecks(probed, db)
+    assert not refused.listener().ok
+    db.dispose()

@@ -40,6 +40,7 @@ def start_listener(app: App) -> StopRole:
     """The DICOM listener (SPEC §4)."""
     listener = app.listener()
     listener.start()
+    app.running_listener = listener
     return listener.stop
 
 

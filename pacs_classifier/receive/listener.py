@@ -332,6 +332,11 @@ class Listener:
         self._server: Any = None
 
     @property
+    def serving(self) -> bool:
+        """True between :meth:`start` and :meth:`stop` (the port is bound)."""
+        return self._server is not None
+
+    @property
     def address(self) -> tuple[str, int]:
         if self._server is None:
             raise RuntimeError("listener is not started")

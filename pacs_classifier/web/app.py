@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request, status
@@ -27,6 +27,9 @@ from pacs_classifier.web import api, dashboard
 from pacs_classifier.web.context import LoginRequired, WebContext
 from pacs_classifier.web.health import Endpoint, HealthChecks
 from pacs_classifier.web.metrics import registry_for
+
+if TYPE_CHECKING:
+    from pacs_classifier.receive.listener import Listener
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ def create_app(
     *,
     secret: bytes | None = None,
     destinations: Sequence[Endpoint] = (),
+    local_listener: Listener | None = None,
 ) -> FastAPI:
     """The web application over ``db``, configured by ``config``."""
     app = FastAPI(
@@ -76,7 +80,7 @@ def create_app(
         config=config,
         db=db,
         secret=secret if secret is not None else web_secret(),
-        health=HealthChecks(config, db, destinations),
+        health=HealthChecks(config, db, destinations, local_listener=local_listener),
     )
     app.state.ctx = ctx
     registry = registry_for(db)

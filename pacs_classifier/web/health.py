@@ -9,8 +9,11 @@ Ready means every component this daemon depends on answers now:
 - ``model``: an active model is registered and its bundle's files match their recorded
   checksums (the check is remembered per file size and mtime, so a probe does not hash
   the weights again);
-- ``listener``: a TCP connection to ``[listener] host:port`` opens, whichever process or
-  machine runs the listener (0.0.0.0 is probed on loopback);
+- ``listener``: when this process runs the listener, whether it is serving; otherwise a
+  TCP connection to ``[listener] host:port`` opens (0.0.0.0 is probed on loopback). That
+  probe's answer is kept for ``listener.acse_timeout_s``: pynetdicom holds an association
+  slot for a connection that never sends an A-ASSOCIATE-RQ until that timeout, so a
+  probe on every request would eat into ``max_associations``;
 - ``destination:AE``: one per outbound destination, a TCP connection opens (the list is
   given by whoever wires the results-to-PACS destinations).
 """
@@ -20,15 +23,20 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 
 from pacs_classifier.config import Config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.errors import ModelError, PacsClassifierError
+
+if TYPE_CHECKING:
+    from pacs_classifier.receive.listener import Listener
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +84,27 @@ def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
 class HealthChecks:
     """The readiness checks of one web process."""
 
-    def __init__(self, config: Config, db: Database, destinations: Sequence[Endpoint] = ()) -> None:
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        destinations: Sequence[Endpoint] = (),
+        *,
+        local_listener: Listener | None = None,
+    ) -> None:
         self.config = config
         self.db = db
         self.destinations = tuple(destinations)
+        self.local_listener = local_listener
         self._bundles = _BundleCache()
+        self._listener_probe: tuple[float, ComponentCheck] | None = None
+        self._probe_lock = threading.Lock()
 
     def run(self) -> list[ComponentCheck]:
-        checks = [self.database(), self.storage(), self.model(), self.listener()]
+        database = self.database()
+        # The registry is in the database: do not wait for its timeout a second time.
+        model = self.model() if database.ok else ComponentCheck("model", False, "database down")
+        checks = [database, self.storage(), model, self.listener()]
         checks += [probe_tcp(f"destination:{d.name}", d.host, d.port) for d in self.destinations]
         return checks
 
@@ -145,8 +166,20 @@ class HealthChecks:
 
     def listener(self) -> ComponentCheck:
         c = self.config.listener
-        host = "127.0.0.1" if c.host in ("0.0.0.0", "") else c.host  # noqa: S104
-        return probe_tcp("listener", host, c.port)
+        if self.local_listener is not None:
+            if not self.local_listener.serving:
+                return ComponentCheck("listener", False, "stopped")
+            host, port = self.local_listener.address
+            return ComponentCheck("listener", True, f"{host}:{port} serving in this process")
+        with self._probe_lock:
+            now = time.monotonic()
+            if self._listener_probe is not None and now < self._listener_probe[0]:
+                return self._listener_probe[1]
+            host = "127.0.0.1" if c.host in ("0.0.0.0", "") else c.host  # noqa: S104
+            check = probe_tcp("listener", host, c.port)
+            # A refused connection holds no slot: look again at once next time.
+            self._listener_probe = (now + c.acse_timeout_s, check) if check.ok else None
+            return check
 
 
 def probe_tcp(name: str, host: str, port: int) -> ComponentCheck:

@@ -29,7 +29,7 @@ def start_role(app: App) -> Callable[[], None]:
     from pacs_classifier.web.app import create_app
 
     c = app.config.web
-    asgi = create_app(app.config, app.checked_db())
+    asgi = create_app(app.config, app.checked_db(), local_listener=app.running_listener)
     server = uvicorn.Server(
         uvicorn.Config(
             asgi,
