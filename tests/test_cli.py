@@ -258,6 +258,7 @@ def test_status_shows_queue_model_run_and_listener(
     lines = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.strip()}
     assert "GATEWAY_AI@127.0.0.1:11199" in lines["listener"]
     assert "TLS off" in lines["listener"]
+    assert lines["web"].split()[-1] == "http://127.0.0.1:8080/"
     assert "2024.05" in lines["active model"] and "threshold 0.4125" in lines["active model"]
     run = lines["last reclassification"]
     assert "done (schedule)" in run

@@ -383,3 +383,17 @@ def test_listener_health_in_process_and_probed_without_eating_association_slots(
     refused = HealthChecks(probed, db)
     assert not refused.listener().ok
     db.dispose()
+
+
+def test_guessing_a_password_is_throttled_per_name(site: Site) -> None:
+    from pacs_classifier.web.auth import MAX_FAILED_LOGINS
+
+    c = site.client
+    for n in range(MAX_FAILED_LOGINS):
+        assert login(c, "adam", f"guess {n}") == 401
+    assert login(c, "adam") == 401  # the right password, too late
+    assert login(c, "vera") == 303  # other names are not affected
+    reasons = [
+        e.detail.get("reason") for e in _events(site.db, "web.login") if e.actor == "web:adam"
+    ]
+    assert reasons == ["wrong password"] * MAX_FAILED_LOGINS + ["too many failed attempts"]

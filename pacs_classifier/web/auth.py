@@ -11,7 +11,9 @@ HMAC the server recomputes; a page on another origin cannot read it. The login f
 has no session yet, uses a double-submit cookie instead.
 
 Every login attempt is audited (``web.login``), refused ones with the reason but never the
-password.
+password. Those events also throttle guessing: after :data:`MAX_FAILED_LOGINS` refusals for
+one name within :data:`FAILED_LOGIN_WINDOW`, that name is refused until the window passes,
+whichever web process is asked.
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ from datetime import timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_classifier.db.audit import append_event
-from pacs_classifier.db.models import ApiToken, User, UserRole, WebSession, utcnow
+from pacs_classifier.db.models import ApiToken, AuditEvent, User, UserRole, WebSession, utcnow
 from pacs_classifier.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
 MIN_PASSWORD_CHARS = 8
+MAX_FAILED_LOGINS = 5
+FAILED_LOGIN_WINDOW = timedelta(minutes=15)
 MAX_NAME_CHARS = 64
 ACTION_LOGIN = "web.login"
 ACTION_LOGOUT = "web.logout"
@@ -201,11 +205,15 @@ def _user_by_name(session: Session, name: str) -> User:
 
 def authenticate(session: Session, name: str, password: str, *, peer: str) -> User | None:
     """The user whose name and password these are, else ``None``; audited either way."""
+    actor = f"web:{name[:MAX_NAME_CHARS]}"
     user = session.execute(
         select(User).where(User.name == name[:MAX_NAME_CHARS])
     ).scalar_one_or_none()
     reason = ""
-    if user is None:
+    if _recent_failures(session, actor) >= MAX_FAILED_LOGINS:
+        _verify(_dummy_hash(), password)
+        reason = "too many failed attempts"
+    elif user is None:
         _verify(_dummy_hash(), password)
         reason = "unknown user"
     elif not _verify(user.password_hash, password):
@@ -214,7 +222,7 @@ def authenticate(session: Session, name: str, password: str, *, peer: str) -> Us
         reason = "user disabled"
     append_event(
         session,
-        actor=f"web:{name[:MAX_NAME_CHARS]}",
+        actor=actor,
         action=ACTION_LOGIN,
         entity_type=ENTITY_USER,
         entity_id=None if user is None else user.id,
@@ -230,6 +238,21 @@ def authenticate(session: Session, name: str, password: str, *, peer: str) -> Us
     return user
 
 
+def _recent_failures(session: Session, actor: str) -> int:
+    since = utcnow() - FAILED_LOGIN_WINDOW
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                AuditEvent.action == ACTION_LOGIN,
+                AuditEvent.outcome == "refused",
+                AuditEvent.actor == actor,
+                AuditEvent.occurred_at >= since,
+            )
+        )
+        or 0
+    )
+
+
 def _verify(stored: str, password: str) -> bool:
     try:
         return _hasher.verify(stored, password)
@@ -241,6 +264,8 @@ def start_session(session: Session, user: User, minutes: int) -> str:
     """A new login for ``user``; returns the cookie value."""
     token = secrets.token_urlsafe(32)
     now = utcnow()
+    # Logins are rare: tidy the table of sessions that ended long ago while here.
+    session.execute(delete(WebSession).where(WebSession.expires_at < now - timedelta(days=1)))
     session.add(
         WebSession(
             token_sha256=token_sha256(token),
