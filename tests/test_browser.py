@@ -26,7 +26,13 @@ from conftest import missing
 from pipeline_support import REPO, make_config, subprocess_env, wait_for, write_config_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
-from web_support import PASSWORD, make_user, register_reference, wait_http
+from web_support import (
+    PASSWORD,
+    cheap_password_hashes,
+    make_user,
+    register_reference,
+    wait_http,
+)
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent, Instance, UserRole
@@ -93,10 +99,16 @@ def _shot(driver: Any, tmp_path: Path, name: str) -> None:
 
 
 def test_log_in_find_the_accession_just_sent_and_see_its_result(
-    browser: Any, sqlite_url: str, tmp_path: Path, dicom_dir: Path, dcmtk: dict[str, str]
+    browser: Any,
+    sqlite_url: str,
+    tmp_path: Path,
+    dicom_dir: Path,
+    dcmtk: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from selenium.webdriver.common.by import By
 
+    cheap_password_hashes(monkeypatch)
     config = make_config(tmp_path, sqlite_url)
     db = Database(sqlite_url)
     register_reference(db, config.model_dir)

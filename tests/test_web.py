@@ -7,6 +7,7 @@ cookies); the daemon as a process, PostgreSQL going away and a real browser are 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -24,6 +25,7 @@ from pipeline_support import add_instances, make_config, subprocess_env, write_c
 from sqlalchemy import select
 from web_support import (
     PASSWORD,
+    cheap_password_hashes,
     csrf_of,
     login,
     make_user,
@@ -35,7 +37,7 @@ from web_support import (
 from pacs_classifier.config import Config
 from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import AuditEvent, Job, JobState, Model, UserRole
+from pacs_classifier.db.models import ApiToken, AuditEvent, Job, JobState, Model, User, UserRole
 from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
 from pacs_classifier.record.predictions import ModelRef, record_prediction
 from pacs_classifier.web import api, dashboard
@@ -64,6 +66,11 @@ def _events(db: Database, action: str) -> list[AuditEvent]:
                 select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)
             ).scalars()
         )
+
+
+@pytest.fixture(autouse=True)
+def _cheap_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    cheap_password_hashes(monkeypatch)
 
 
 @pytest.fixture
@@ -303,49 +310,77 @@ def test_metrics_pass_promtool_and_count_the_database(site: Site) -> None:
 
 
 def test_user_commands_read_the_password_from_stdin_never_argv(
-    sqlite_url: str, tmp_path: Path
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from pacs_classifier import cli
+
     cfg = write_config_file(tmp_path / "config.toml", make_config(tmp_path, sqlite_url))
-
-    def user(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pacs_classifier", "--config", str(cfg), "user", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            env=subprocess_env(),
-            check=False,
-        )
-
-    added = user("add", "rita", "--role", "admin", stdin=f"{PASSWORD}\n")
+    # Once through a real pipe in a fresh process, at the production hash cost.
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pacs_classifier",
+            "--config",
+            str(cfg),
+            "user",
+            "add",
+            "rita",
+            "--role",
+            "admin",
+        ],
+        input=f"{PASSWORD}\n",
+        capture_output=True,
+        text=True,
+        timeout=240,  # a fresh process on a busy CI machine
+        cwd=REPO,
+        env=subprocess_env(),
+        check=False,
+    )
     assert added.returncode == 0, added.stderr
-    short = user("add", "sam", "--role", "viewer", stdin="short\n")
-    assert short.returncode == 2
-    assert short.stderr.strip() == (
-        "pacs-classifier: error: password too short: at least 8 characters"
+    assert added.stdout.strip() == "user rita added (admin)"
+
+    def user(*args: str, stdin: str = "") -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            code = cli.main(["--config", str(cfg), "user", *args])
+        except SystemExit as exc:  # argparse refusing the arguments
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    assert user("add", "sam", "--role", "viewer", stdin="short\n") == (
+        2,
+        "",
+        "pacs-classifier: error: password too short: at least 8 characters\n",
     )
-    assert user("add", "rita", "--role", "viewer", stdin=f"{PASSWORD}\n").returncode == 2
-    assert user("add", "x", "--role", "viewer", "--password", "p").returncode == 2
-    listed = user("list")
-    assert listed.stdout.split()[:3] == ["rita", "admin", "active"]
-    token = user("token", "rita").stdout.strip()
-    assert len(token) >= 40
-    assert user("disable", "rita").returncode == 0
-    assert "disabled" in user("list").stdout
+    assert user("add", "rita", "--role", "viewer", stdin=f"{PASSWORD}\n")[2] == (
+        "pacs-classifier: error: user 'rita' exists\n"
+    )
+    assert user("add", "x", "--role", "viewer", "--password", "p")[0] == 2
     assert (
-        user("disable", "ghost").stderr.strip() == "pacs-classifier: error: no user named 'ghost'"
+        user("add", "x", "--role", "viewer")[2] == "pacs-classifier: error: no password on stdin\n"
     )
+    assert user("list")[1].split()[:3] == ["rita", "admin", "active"]
+    token = user("token", "rita")[1].strip()
+    assert len(token) >= 40
+    assert user("disable", "rita")[0] == 0
+    assert user("list")[1].split()[:3] == ["rita", "admin", "disabled"]
+    assert user("disable", "ghost")[2] == "pacs-classifier: error: no user named 'ghost'\n"
     db = Database(sqlite_url)
     try:
         with db.read_session() as s:
-            stored = s.execute(select(AuditEvent.detail)).scalars().all()
-            hashes = s.execute(select(Model)).all()
-        assert hashes == []
-        assert all(PASSWORD not in json.dumps(d) and token not in json.dumps(d) for d in stored)
+            (stored_hash,) = s.execute(select(User.password_hash)).scalars().all()
+            details = s.execute(select(AuditEvent.detail)).scalars().all()
+            token_hashes = s.execute(select(ApiToken.token_sha256)).scalars().all()
     finally:
         db.dispose()
+    assert stored_hash.startswith("$argon2id$") and PASSWORD not in stored_hash
+    assert token_hashes == [hashlib.sha256(token.encode()).hexdigest()]
+    assert all(PASSWORD not in json.dumps(d) and token not in json.dumps(d) for d in details)
 
 
 def test_listener_health_in_process_and_probed_without_eating_association_slots(

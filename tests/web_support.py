@@ -10,17 +10,30 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+from argon2 import PasswordHasher
 from conftest import missing
 from fastapi.testclient import TestClient
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model, UserRole
 from pacs_classifier.infer.registry import register_bundle
+from pacs_classifier.web import auth
 from pacs_classifier.web.auth import add_user
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_MODEL = REPO / "models" / "reference"
 PASSWORD = "correct horse battery"  # noqa: S105 - a test account's password
+
+
+def cheap_password_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real argon2id at its lowest cost for accounts a test makes in its own process.
+
+    The production parameters cost ~0.1 s a hash on an idle core and seconds on a loaded
+    CI machine; verifying reads the parameters from the stored hash, so a server process
+    checks these hashes cheaply too (and re-hashes them at full cost on first login).
+    """
+    monkeypatch.setattr(auth, "_hasher", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
 
 
 def register_reference(db: Database, model_dir: Path) -> Model:
