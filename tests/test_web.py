@@ -432,3 +432,16 @@ def test_guessing_a_password_is_throttled_per_name(site: Site) -> None:
         e.detail.get("reason") for e in _events(site.db, "web.login") if e.actor == "web:adam"
     ]
     assert reasons == ["wrong password"] * MAX_FAILED_LOGINS + ["too many failed attempts"]
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "/\\evil.example/", "https://evil.example/"])
+def test_the_login_never_redirects_off_site(site: Site, target: str) -> None:
+    c = site.client
+    form = c.get("/login", params={"next": target})
+    assert 'name="next" value="/"' in form.text
+    answer = c.post(
+        "/login",
+        data={"username": "vera", "password": PASSWORD, "csrf": csrf_of(form.text), "next": target},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303 and answer.headers["location"] == "/"

@@ -84,7 +84,9 @@ def _check_csrf(ctx: WebContext, who: Principal, submitted: str) -> None:
 
 def _safe_next(path: str) -> str:
     # Only a path on this site: "//host" or "https://host" would make the login an open redirect.
-    return path if path.startswith("/") and not path.startswith("//") else "/"
+    # Browsers read "/\\host" as "//host" too.
+    local = path.startswith("/") and not path.startswith("//") and "\\" not in path
+    return path if local else "/"
 
 
 # ------------------------------------------------------------------------------- login
