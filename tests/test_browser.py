@@ -226,7 +226,12 @@ def test_log_in_find_the_accession_just_sent_and_see_its_result(
             )
         assert sorted(d["via"] for d in views) == ["image", "study_page"]
     finally:
-        proc.terminate()
-        code = proc.wait(60)
         db.dispose()
+        proc.terminate()
+        try:
+            code = proc.wait(180)  # the worker's and web's graceful stops, on a busy machine
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+            pytest.fail(f"serve did not stop on SIGTERM:\n{log.read_text()[-4000:]}")
     assert code == 0, log.read_text()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
+GRACEFUL_SHUTDOWN_S = 5
 
 
 class WebError(PermanentError):
@@ -40,6 +41,8 @@ def start_role(app: App) -> Callable[[], None]:
             log_config=None,
             lifespan="off",
             server_header=False,
+            # A browser's keep-alive connection must not hold up the daemon's shutdown.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
     # Off the main thread uvicorn leaves the signals to the daemon's own handlers.
