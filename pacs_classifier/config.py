@@ -34,6 +34,8 @@ ENV_PREFIX = "PACS_CLASSIFIER__"
 ENV_CONFIG_PATH = "PACS_CLASSIFIER_CONFIG"
 ENV_DB_PASSWORD = "PACS_CLASSIFIER_DATABASE_PASSWORD"  # noqa: S105 - a variable name
 ENV_TLS_PASSPHRASE = "PACS_CLASSIFIER_TLS_KEY_PASSPHRASE"  # noqa: S105
+#: Signs the dashboard's CSRF tokens; shared by every web process behind one address.
+ENV_WEB_SECRET = "PACS_CLASSIFIER_WEB_SECRET"  # noqa: S105
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
 
@@ -113,6 +115,16 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    session_minutes: int = 480
+    #: Send the session cookie only over HTTPS (set when a TLS proxy fronts the dashboard).
+    secure_cookies: bool = False
+    page_size: int = 50
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
 
@@ -163,6 +175,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     destinations: tuple[DestinationConfig, ...] = ()
@@ -450,6 +463,10 @@ def _validate(c: Config) -> None:
         raise ConfigError(f"scheduler.timezone: unknown time zone {s.timezone!r}") from None
     need(s.misfire_grace_s >= 1, "scheduler.misfire_grace_s", "must be >= 1")
     _validate_results(c, need)
+    need(bool(c.web.host), "web.host", "must not be empty")
+    need(0 < c.web.port < 65536, "web.port", f"must be 1-65535, received {c.web.port}")
+    need(c.web.session_minutes >= 1, "web.session_minutes", "must be >= 1")
+    need(1 <= c.web.page_size <= 1000, "web.page_size", "must be 1-1000")
     need(
         c.logging.level.upper() in _LOG_LEVELS,
         "logging.level",

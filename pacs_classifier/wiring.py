@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 @dataclass
 class App:
     config: Config
+    #: The listener this process runs (``serve`` sets it), for the web role's health check.
+    running_listener: Listener | None = None
 
     @cached_property
     def db(self) -> Database:

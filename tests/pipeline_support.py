@@ -79,6 +79,7 @@ def make_config(tmp: Path, db_url: str, **sections: dict[str, Any]) -> Config:
         "model": {"dir": str(tmp / "models")},
         "worker": {"batch_size": 8, "max_batch_wait_ms": 50, "poll_interval_ms": 50},
         "listener": {"port": free_port()},
+        "web": {"port": free_port()},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -183,6 +184,10 @@ enabled = {str(c.scheduler.enabled).lower()}
 reclassify_cron = "{c.scheduler.reclassify_cron}"
 timezone = "{c.scheduler.timezone}"
 misfire_grace_s = {c.scheduler.misfire_grace_s}
+
+[web]
+host = "{c.web.host}"
+port = {c.web.port}
 
 [logging]
 level = "INFO"

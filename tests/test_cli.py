@@ -72,7 +72,7 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
 
 
 def test_light_commands_do_not_import_tensorflow(tmp_path: Path) -> None:
-    """``--help``, ``db upgrade``, ``status`` and ``audit verify`` stay fast: no TF, no Keras."""
+    """``--help``, ``db upgrade``, ``status``, ``audit verify``, ``user``, ``report``: no TF."""
     script = """
 import sys
 from pacs_classifier import cli
@@ -80,7 +80,8 @@ try:
     cli.main(["--help"])
 except SystemExit:
     pass
-for argv in (["db", "upgrade"], ["status"], ["audit", "verify"]):
+for argv in (["db", "upgrade"], ["status"], ["audit", "verify"], ["user", "list"],
+             ["report", "results"]):
     assert cli.main(argv) == 0, argv
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "matplotlib"))
 print("heavy:", heavy)
@@ -264,6 +265,7 @@ def test_status_shows_queue_model_run_and_listener(
     lines = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.strip()}
     assert "GATEWAY_AI@127.0.0.1:11199" in lines["listener"]
     assert "TLS off" in lines["listener"]
+    assert lines["web"].split()[-1] == "http://127.0.0.1:8080/"
     assert "2024.05" in lines["active model"] and "threshold 0.4125" in lines["active model"]
     run = lines["last reclassification"]
     assert "done (schedule)" in run

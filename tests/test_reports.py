@@ -11,6 +11,7 @@ from pipeline_support import Bundles, add_instances, cli, make_config, write_con
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model
+from pacs_classifier.errors import PermanentError
 from pacs_classifier.infer.registry import register_bundle
 from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
 from pacs_classifier.record.predictions import ModelRef, record_prediction
@@ -138,3 +139,22 @@ def test_docs_show_every_report_with_its_sql() -> None:
     for report in queries.available().values():
         assert f"## `{report.name}`" in docs
         assert report.sql in docs, f"docs/reports.md has an outdated copy of {report.name}"
+
+
+def test_results_report_keeps_one_label_on_both_databases(
+    database: Database, tmp_path: Path, tiny_bundles: Bundles
+) -> None:
+    _history(database, tmp_path, tiny_bundles)
+    every = _run(database, "results")
+    assert [r["accession_number"] for r in every] == ["ACC00000", "ACC00001", "ACC00002"]
+    assert [r["patient_id"] for r in every] == ["PID00000", "PID00001", "PID00002"]
+    assert {(r["label"], r["model_version"], r["study_date"]) for r in every} == {
+        ("PNEUMONIA", "tiny-v2", "20240101")
+    }
+    assert [r["probability"] for r in every] == [0.3, 0.7, 0.95]
+    assert len(_run(database, "results", label="PNEUMONIA")) == 3
+    assert _run(database, "results", label="NORMAL") == []
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert _run(database, "results", since=later) == []
+    with pytest.raises(PermanentError, match="has no --label"):
+        _run(database, "daily_volume", label="NORMAL")

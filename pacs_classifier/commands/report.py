@@ -1,4 +1,4 @@
-"""``report [NAME] [--since ISO] [--until ISO] [--format table|csv|json] [--study UID]``."""
+"""``report [NAME] [--since ISO] [--until ISO] [--format F] [--study UID] [--label L]``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
+from pacs_classifier.db.models import Label
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.report import queries
 from pacs_classifier.wiring import load_app
@@ -22,6 +23,7 @@ def register(sub: Any) -> None:
     p.add_argument("--until", type=parse_time, metavar="ISO", help="up to this UTC time (excl.)")
     p.add_argument("--format", choices=queries.FORMATS, default="table")
     p.add_argument("--study", metavar="UID", help="Study Instance UID (audit_trail)")
+    p.add_argument("--label", choices=[m.value for m in Label], help="keep one label (results)")
     p.set_defaults(func=run_report)
 
 
@@ -46,6 +48,7 @@ def run_report(args: argparse.Namespace) -> int:
     if args.name is None:
         for report in queries.available().values():
             extra = " (--study UID)" if "study" in report.params else ""
+            extra += " [--label L]" if "label" in report.params else ""
             print(f"{report.name:<16} {report.title}{extra}")
         return 0
     report = queries.get(args.name)
@@ -56,7 +59,12 @@ def run_report(args: argparse.Namespace) -> int:
         db = app.checked_db()
         with db.read_session() as session:
             result = queries.run(
-                session, report, since=args.since, until=args.until, study=args.study
+                session,
+                report,
+                since=args.since,
+                until=args.until,
+                study=args.study,
+                label=args.label,
             )
     finally:
         app.close()

@@ -1,4 +1,4 @@
-"""``serve [--roles listener,worker,scheduler,sender]``: run the daemon.
+"""``serve [--roles listener,worker,scheduler,sender,web]``: run the daemon.
 
 Each role is a function that starts it from the :class:`~pacs_classifier.wiring.App` and
 returns the function that stops it; adding a role is one entry in :data:`ROLES`. The
@@ -40,6 +40,7 @@ def start_listener(app: App) -> StopRole:
     """The DICOM listener (SPEC §4)."""
     listener = app.listener()
     listener.start()
+    app.running_listener = listener
     return listener.stop
 
 
@@ -64,12 +65,20 @@ def start_sender(app: App) -> StopRole:
     return start_role(app)
 
 
-#: Role name → start function. A new role (worker, scheduler) is one line here.
+def start_web(app: App) -> StopRole:
+    """Health, /metrics, the JSON API and the dashboard (SPEC §12)."""
+    from pacs_classifier.web.server import start_role
+
+    return start_role(app)
+
+
+#: Role name → start function. A new role is one line here.
 ROLES: dict[str, StartRole] = {
     "listener": start_listener,
     "worker": start_worker,
     "scheduler": start_scheduler,
     "sender": start_sender,
+    "web": start_web,
 }
 
 #: SPEC §2: every available role by default, in start order.
@@ -78,7 +87,7 @@ DEFAULT_ROLES: tuple[str, ...] = tuple(r for r in KNOWN_ROLES if r in ROLES)
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "serve", help="run the daemon (listener, worker, scheduler, sender)"
+        "serve", help="run the daemon (listener, worker, scheduler, sender, web)"
     )
     p.add_argument(
         "--roles",

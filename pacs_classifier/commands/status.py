@@ -117,6 +117,7 @@ def format_status(status: Status, config: Config) -> str:
     tls = "on" if listener.tls.enabled else "off"
     lines = [
         ("listener", f"{listener.ae_title}@{listener.host}:{listener.port}  TLS {tls}"),
+        ("web", f"http://{config.web.host}:{config.web.port}/"),
         ("database", make_url(config.database_url).render_as_string(hide_password=True)),
         ("active model", _model_line(status.active_model)),
         ("last reclassification", _run_line(status.last_run)),

@@ -437,3 +437,69 @@ def _pid_alive(worker_id: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as the dashboard and the API show it."""
+
+    id: int
+    instance_id: int
+    kind: str
+    state: str
+    reason: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def list_jobs(
+    session: Session, *, state: JobState | None = None, limit: int = 100, offset: int = 0
+) -> list[JobRow]:
+    """Newest first, optionally of one state (``failed`` for the dashboard's queue page)."""
+    stmt = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+    return [
+        JobRow(
+            j.id,
+            j.instance_id,
+            str(j.kind),
+            str(j.state),
+            j.reason,
+            j.attempts,
+            j.created_at,
+            j.updated_at,
+        )
+        for j in session.execute(stmt).scalars()
+    ]
+
+
+def retry_failed(session: Session, job_id: int, *, actor: str) -> bool:
+    """Queue a failed job again with fresh attempts; False when it is not ``failed``.
+
+    The old reason is kept in the audit event, so the history of why it failed survives.
+    """
+    job = session.execute(
+        select(Job).where(Job.id == job_id).with_for_update()
+    ).scalar_one_or_none()
+    if job is None or job.state != JobState.FAILED:
+        return False
+    previous = job.reason
+    job.state = JobState.QUEUED
+    job.attempts = 0
+    job.reason = None
+    job.not_before = None
+    job.lease_until = None
+    job.worker_id = None
+    job.updated_at = utcnow()
+    append_event(
+        session,
+        actor=actor,
+        action="job.retry",
+        entity_type="instance",
+        entity_id=job.instance_id,
+        outcome="queued",
+        detail={"job_id": job.id, "previous_reason": previous},
+    )
+    return True

@@ -396,6 +396,11 @@ class Listener:
         self._server: GatedServer | None = None
 
     @property
+    def serving(self) -> bool:
+        """True between :meth:`start` and :meth:`stop` (the port is bound)."""
+        return self._server is not None
+
+    @property
     def address(self) -> tuple[str, int]:
         if self._server is None:
             raise RuntimeError("listener is not started")

@@ -2,10 +2,11 @@
 
 Each file starts with ``--`` header lines (``title``, ``description``, ``params``) and
 holds one SELECT with named parameters: ``:since`` and ``:until`` (UTC, half-open
-``[since, until)``; open-ended when not given) and ``:study`` where the report needs a
-Study Instance UID. The same text runs on SQLite and PostgreSQL; what differs between them
-(a day from a timestamp, seconds between two) is inside the ``v_results`` view that the
-migrations create for each database.
+``[since, until)``; open-ended when not given), ``:study`` where the report needs a
+Study Instance UID and ``:label`` where it can keep one label (``''`` keeps all). The
+same text runs on SQLite and PostgreSQL; what differs between them (a day from a
+timestamp, seconds between two) is inside the ``v_results`` view that the migrations
+create for each database.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def run(
     since: datetime | None = None,
     until: datetime | None = None,
     study: str | None = None,
+    label: str | None = None,
 ) -> Result:
     """Execute a report with its parameters bound (times as UTC on both databases)."""
     values: dict[str, Any] = {"since": since or EARLIEST, "until": until or LATEST}
@@ -110,6 +112,12 @@ def run(
             raise PermanentError(f"report {report.name} needs --study UID")
         values["study"] = study
         binds.append(bindparam("study"))
+    if "label" in report.params:
+        # '' rather than NULL: PostgreSQL cannot type a bare "$1 IS NULL" parameter.
+        values["label"] = label or ""
+        binds.append(bindparam("label"))
+    elif label:
+        raise PermanentError(f"report {report.name} has no --label")
     stmt = text(report.sql).bindparams(*binds)
     result = session.execute(stmt, values)
     columns = list(result.keys())
