@@ -462,11 +462,15 @@ def _validate(c: Config) -> None:
     except (KeyError, ValueError, OSError):
         raise ConfigError(f"scheduler.timezone: unknown time zone {s.timezone!r}") from None
     need(s.misfire_grace_s >= 1, "scheduler.misfire_grace_s", "must be >= 1")
-    _validate_results(c, need)
-    need(bool(c.web.host), "web.host", "must not be empty")
-    need(0 < c.web.port < 65536, "web.port", f"must be 1-65535, received {c.web.port}")
-    need(c.web.session_minutes >= 1, "web.session_minutes", "must be >= 1")
-    need(1 <= c.web.page_size <= 1000, "web.page_size", "must be 1-1000")
+    for section in (_validate_results, _validate_web, _validate_logging):
+        section(c, need)
+
+
+def _valid_ae(ae: str) -> bool:
+    return 0 < len(ae) <= 16 and ae.isascii() and "\\" not in ae and ae.strip() == ae
+
+
+def _validate_logging(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:
     need(
         c.logging.level.upper() in _LOG_LEVELS,
         "logging.level",
@@ -474,8 +478,11 @@ def _validate(c: Config) -> None:
     )
 
 
-def _valid_ae(ae: str) -> bool:
-    return 0 < len(ae) <= 16 and ae.isascii() and "\\" not in ae and ae.strip() == ae
+def _validate_web(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:
+    need(bool(c.web.host), "web.host", "must not be empty")
+    need(0 < c.web.port < 65536, "web.port", f"must be 1-65535, received {c.web.port}")
+    need(c.web.session_minutes >= 1, "web.session_minutes", "must be >= 1")
+    need(1 <= c.web.page_size <= 1000, "web.page_size", "must be 1-1000")
 
 
 def _validate_results(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:
