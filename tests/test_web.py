@@ -37,7 +37,18 @@ from web_support import (
 from pacs_classifier.config import Config
 from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import ApiToken, AuditEvent, Job, JobState, Model, User, UserRole
+from pacs_classifier.db.models import (
+    ApiToken,
+    AuditEvent,
+    Job,
+    JobState,
+    Model,
+    Prediction,
+    ResultKind,
+    ResultObject,
+    User,
+    UserRole,
+)
 from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
 from pacs_classifier.record.predictions import ModelRef, record_prediction
 from pacs_classifier.web import api, dashboard
@@ -235,12 +246,35 @@ def test_worklist_study_image_and_overlay_are_audited(site: Site) -> None:
     assert c.get(f"/instances/{site.ids[2]}/overlay.png").content == overlay.read_bytes()
     assert c.get(f"/instances/{site.ids[1]}/overlay.png").status_code == 404
 
+    # The sender's overlay object: its PNG lies beside the SC under results/ and is found
+    # through the result_objects row.
+    with site.db.session() as s:
+        pred_id = s.execute(
+            select(Prediction.id).where(Prediction.instance_id == site.ids[1])
+        ).scalar_one()
+        s.add(
+            ResultObject(
+                instance_id=site.ids[1],
+                prediction_id=pred_id,
+                kind=ResultKind.SC,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                sop_instance_uid="1.2.3.4.5.6",
+                series_instance_uid="1.2.3.4.5",
+                study_instance_uid=STUDY,
+                state=JobState.DONE,
+            )
+        )
+    rendered = site.config.storage_root / "results" / STUDY / "1.2.3.4.5" / "1.2.3.4.5.6.png"
+    rendered.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(rendered)
+    assert c.get(f"/instances/{site.ids[1]}/overlay.png").content == rendered.read_bytes()
+
     views = _events(site.db, "result.view")
     assert {e.actor for e in views} == {"web:vera"}
     vias = [e.detail["via"] for e in views]
     assert vias.count("worklist") == 2  # the failed search showed nothing and is not a view
     assert vias.count("study_page") == 4
-    assert vias.count("image") == 1 and vias.count("overlay") == 1
+    assert vias.count("image") == 1 and vias.count("overlay") == 2
 
 
 def test_admins_retry_failed_jobs_viewers_cannot(site: Site) -> None:

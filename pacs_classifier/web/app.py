@@ -64,10 +64,16 @@ def create_app(
     db: Database,
     *,
     secret: bytes | None = None,
-    destinations: Sequence[Endpoint] = (),
+    destinations: Sequence[Endpoint] | None = None,
     local_listener: Listener | None = None,
 ) -> FastAPI:
-    """The web application over ``db``, configured by ``config``."""
+    """The web application over ``db``, configured by ``config``.
+
+    ``destinations`` are the peers the readiness check probes; by default the
+    configuration's ``[[destinations]]``.
+    """
+    if destinations is None:
+        destinations = [Endpoint(d.ae_title, d.host, d.port) for d in config.destinations]
     app = FastAPI(
         title="pacs-classifier",
         version=__version__,

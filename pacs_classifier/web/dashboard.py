@@ -238,7 +238,8 @@ def study(request: Request, who: Who, study_uid: str) -> HTMLResponse:
     for r in rows:
         audit_view(ctx, who, entity_id=r.instance_id, detail={"via": "study_page"})
     overlays = {
-        r.instance_id: overlay_path(ctx.storage_root, r.instance_id) is not None for r in rows
+        r.instance_id: overlay_path(ctx.db, ctx.storage_root, r.instance_id) is not None
+        for r in rows
     }
     return _page(
         request,
@@ -276,7 +277,7 @@ def instance_image(request: Request, who: Who, instance_id: int) -> Response:
 @router.get("/instances/{instance_id}/overlay.png")
 def instance_overlay(request: Request, who: Who, instance_id: int) -> Response:
     ctx = ctx_of(request)
-    path = overlay_path(ctx.storage_root, instance_id)
+    path = overlay_path(ctx.db, ctx.storage_root, instance_id)
     if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no overlay for this instance")
     audit_view(ctx, who, entity_id=instance_id, detail={"via": "overlay"})

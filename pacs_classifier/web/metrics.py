@@ -53,13 +53,13 @@ from pacs_classifier.db.models import (
 from pacs_classifier.errors import PacsClassifierError
 from pacs_classifier.receive import statuses
 from pacs_classifier.receive.listener import ACTION_ASSOCIATION
+from pacs_classifier.results.outbound import ACTION_SEND
 from pacs_classifier.store.ingest import ACTION_STORE, IngestOutcome
 
 log = logging.getLogger(__name__)
 
 PREFIX = "pacs_classifier"
 #: The audit action of one outbound send attempt's outcome (results to the PACS).
-ACTION_SEND = "send"
 #: Upper bounds of the latency histogram, seconds: a batch within a second up to a
 #: backlog of an hour.
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
