@@ -227,7 +227,12 @@ def _check_rows(db: Database, dicom_dir: Path) -> None:
         ("not_assessed", by_uid[uid_of[n]][1], 1) for n in NOT_CHEST
     )
     assert turnaround.rows[0][1] == 5
-    assert [r[3:5] for r in trail.rows] == [("store", "stored"), ("job.classify", "done")]
+    # The prediction plans its SR in the same transaction (SPEC §11), before the job ends.
+    assert [r[3:5] for r in trail.rows] == [
+        ("store", "stored"),
+        ("result.plan", "queued"),
+        ("job.classify", "done"),
+    ]
     assert changes.rows == []
 
 
