@@ -64,9 +64,11 @@ def test_retryable_failure_backs_off_then_fails_after_max_attempts(
     with database.session() as s:
         outcomes = list(
             s.execute(
-                select(AuditEvent.outcome).where(
+                select(AuditEvent.outcome)
+                .where(
                     AuditEvent.action == "job.classify", AuditEvent.entity_id == str(instance_id)
                 )
+                .order_by(AuditEvent.id)
             ).scalars()
         )
     assert outcomes == ["retry", "failed"]
