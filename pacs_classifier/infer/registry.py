@@ -42,7 +42,8 @@ def register_bundle(
     check (:mod:`pacs_classifier.infer.export`, a minute or two per model); a failure there
     is logged and audited, and the model is registered for Keras regardless.
     """
-    log.info("checking the bundle in %s", source)
+    # DEBUG, not INFO: a bundle that fails its check must leave one line on stderr.
+    log.debug("checking the bundle in %s", source)
     info = read_bundle(source)
     with db.session() as session:
         existing = session.execute(
