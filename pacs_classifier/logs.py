@@ -92,6 +92,8 @@ def setup(*, verbose: bool, program: bool) -> None:
         # pynetdicom logs every association and every C-STORE at INFO; the listener logs
         # what was stored, and the audit trail has the associations.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # highdicom logs each module it copies into an SR or SC at INFO (~20 lines each).
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     # pynetdicom warns about a non-conformant UID each time it reads one (twice per
     # C-STORE); the ingest warns once per instance and audits it.
     logging.getLogger("pynetdicom.utils").addFilter(_not_a_uid_complaint)

@@ -104,6 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ("pacs_classifier.store", logging.ERROR),
         ("pacs_classifier.infer", logging.WARNING),
         ("pacs_classifier.train", logging.WARNING),
+        ("pacs_classifier.results", logging.WARNING),  # the demo prints where each went
     ):
         logging.getLogger(name).setLevel(level)
     keep = args.keep or args.workdir is not None
