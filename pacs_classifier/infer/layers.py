@@ -46,22 +46,26 @@ class HistogramEqualization(keras.layers.Layer):  # type: ignore[misc]
 
     def call(self, inputs: Any) -> Any:
         x = ops.cast(inputs, "float32")
-        grey = x[..., :1]  # (N, S, S, 1)
-        content = ops.cast(ops.greater(grey, _CONTENT_FLOOR), "float32")
-        unit = ops.clip((grey + 1.0) * 0.5, 0.0, 1.0)
-        levels = ops.linspace(0.0, 1.0, self.bins + 1)  # (B+1,)
-        # CDF at each level over the content pixels: (N, 1, 1, 1, B+1).
-        below = ops.cast(ops.less_equal(ops.expand_dims(unit, -1), levels), "float32")
-        counts = ops.sum(below * ops.expand_dims(content, -1), axis=(1, 2, 3), keepdims=True)
-        n = ops.maximum(ops.sum(content, axis=(1, 2, 3), keepdims=True), 1.0)
-        cdf = counts / ops.expand_dims(n, -1)
-        # Piecewise-linear interpolation of the CDF at each pixel: the sum over bins of
-        # each bin's CDF step times how far the pixel is through that bin.
-        steps = cdf[..., 1:] - cdf[..., :-1]  # (N, 1, 1, 1, B)
-        through = ops.clip((ops.expand_dims(unit, -1) - levels[:-1]) * self.bins, 0.0, 1.0)
-        equalised = cdf[..., 0] + ops.sum(steps * through, axis=-1)
-        out = ops.where(content > 0.5, equalised * 2.0 - 1.0, -1.0)
-        return ops.broadcast_to(out, ops.shape(x))
+        shape = ops.shape(x)
+        flat = ops.reshape(x[..., 0], (shape[0], -1, 1))  # (N, P, 1): channel 0, flattened
+        content = ops.cast(ops.greater(flat, _CONTENT_FLOOR), "float32")
+        unit = ops.clip((flat + 1.0) * 0.5, 0.0, 1.0)
+        levels = ops.reshape(ops.linspace(0.0, 1.0, self.bins + 1), (1, 1, -1))
+        # CDF at each level over the content pixels, as one batched matmul of the content
+        # mask with the (pixel <= level) indicators: (N, 1, P) @ (N, P, B+1).
+        below = ops.cast(ops.less_equal(unit, levels), "float32")
+        counts = ops.squeeze(ops.matmul(ops.transpose(content, (0, 2, 1)), below), 1)
+        cdf = counts / ops.maximum(ops.sum(content, axis=(1, 2)), 1.0)[:, None]  # (N, B+1)
+        # Each pixel interpolates linearly between the CDF at the two levels around it.
+        scaled = unit[..., 0] * self.bins
+        j = ops.cast(ops.clip(ops.floor(scaled), 0, self.bins - 1), "int32")  # (N, P)
+        frac = scaled - ops.cast(j, "float32")
+        lo = ops.take_along_axis(cdf, j, axis=1)
+        hi = ops.take_along_axis(cdf, j + 1, axis=1)
+        equalised = lo + (hi - lo) * frac
+        out = ops.where(content[..., 0] > 0.5, equalised * 2.0 - 1.0, -1.0)
+        out = ops.reshape(out, (shape[0], shape[1], shape[2], 1))
+        return ops.broadcast_to(out, shape)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
