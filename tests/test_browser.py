@@ -107,6 +107,7 @@ def test_log_in_find_the_accession_just_sent_and_see_its_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     cheap_password_hashes(monkeypatch)
     config = make_config(tmp_path, sqlite_url)
@@ -172,7 +173,8 @@ def test_log_in_find_the_accession_just_sent_and_see_its_result(
         browser.find_element(By.ID, "username").send_keys("rad1")
         browser.find_element(By.ID, "password").send_keys("not my password")
         browser.find_element(By.ID, "login").click()
-        assert "Wrong user name or password" in browser.find_element(By.ID, "error").text
+        error = WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error"))
+        assert "Wrong user name or password" in error.text
         with db.read_session() as s:
             refused = s.execute(
                 select(AuditEvent).where(
@@ -181,10 +183,13 @@ def test_log_in_find_the_accession_just_sent_and_see_its_result(
             ).scalar_one()
         assert refused.actor == "web:rad1" and refused.detail["reason"] == "wrong password"
 
-        browser.find_element(By.ID, "username").send_keys("rad1")
-        browser.find_element(By.ID, "password").send_keys(PASSWORD)
+        for field, value in (("username", "rad1"), ("password", PASSWORD)):
+            element = browser.find_element(By.ID, field)
+            element.clear()  # the refused attempt may have left its text there
+            element.send_keys(value)
         browser.find_element(By.ID, "login").click()
-        assert browser.current_url == f"{base}/queue"
+        # The click returns when the form is sent, not when the redirect has landed.
+        WebDriverWait(browser, 30).until(lambda b: b.current_url == f"{base}/queue")
 
         browser.get(f"{base}/")
         assert all(a in browser.page_source for a in accessions)
