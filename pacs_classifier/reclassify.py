@@ -35,7 +35,7 @@ from pacs_classifier.db.models import (
     utcnow,
 )
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.infer.registry import active_model
+from pacs_classifier.model.registry import active_model
 from pacs_classifier.queue.jobs import OPEN_STATES, enqueue
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from pacs_classifier.db.engine import Database
 from pacs_classifier.db.migrate import require_head
 
 if TYPE_CHECKING:
-    from pacs_classifier.infer.worker import Worker
     from pacs_classifier.receive.listener import Listener
     from pacs_classifier.scheduler import NightlyScheduler
     from pacs_classifier.store.storage import Storage
+    from pacs_classifier.worker import Worker
 
 
 @dataclass
@@ -79,7 +79,7 @@ class App:
 
     def worker(self) -> Worker:
         """A classification worker on a schema-checked database (``--roles worker``)."""
-        from pacs_classifier.infer.worker import Worker
+        from pacs_classifier.worker import Worker
 
         return Worker(self.checked_db(), self.config)
 

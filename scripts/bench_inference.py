@@ -36,9 +36,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.db.models import utcnow
-from pacs_classifier.infer.bundle import read_bundle, write_metadata, write_model_files
-from pacs_classifier.infer.export import export_runtimes, parity_inputs
-from pacs_classifier.infer.runtime import (
+from pacs_classifier.model.bundle import read_bundle, write_metadata, write_model_files
+from pacs_classifier.model.export import export_runtimes, parity_inputs
+from pacs_classifier.model.runtime import (
     EXPORTED_FILES,
     KerasPredictor,
     OnnxPredictor,

@@ -224,7 +224,7 @@ def build_tiny_bundle(out: Path) -> Path:
     """A real InceptionV3 classifier at 75 px with random weights (plumbing speed only)."""
     import keras
 
-    from pacs_classifier.infer.bundle import write_metadata, write_model_files
+    from pacs_classifier.model.bundle import write_metadata, write_model_files
     from pacs_classifier.train.model import BaseWeights, build_base, build_classifier, cut_base
 
     keras.utils.set_random_seed(7)
@@ -268,7 +268,7 @@ def prepare_database(work: Path, bundle: Path, runtime: str) -> tuple[str, int]:
     (with parity) runs unless the runtime is ``keras``, as ``auto`` needs its record.
     """
     from pacs_classifier.db.migrate import upgrade
-    from pacs_classifier.infer.registry import register_bundle
+    from pacs_classifier.model.registry import register_bundle
 
     url = database_url(work)
     upgrade(url)
@@ -286,8 +286,8 @@ def resolved_runtime(model_path: str, runtime: str) -> str:
     """The runtime ``auto`` resolves to for this registered bundle (as the worker loads it)."""
     if runtime != "auto":
         return runtime
-    from pacs_classifier.infer.bundle import read_bundle
-    from pacs_classifier.infer.runtime import auto_choice, read_runtimes
+    from pacs_classifier.model.bundle import read_bundle
+    from pacs_classifier.model.runtime import auto_choice, read_runtimes
 
     return auto_choice(read_runtimes(read_bundle(model_path)))
 
@@ -393,7 +393,7 @@ def raw_inference(
     model_path: str, runtime: str, files: Sequence[Path], batch: int, images: int, rounds: int
 ) -> tuple[float, float, str]:
     """(median, best) images/s of ``predict`` on batches of ``batch``, and the runtime used."""
-    from pacs_classifier.infer.runtime import load_predictor
+    from pacs_classifier.model.runtime import load_predictor
     from pacs_classifier.preprocess import normalize_dataset
     from pacs_classifier.preprocess.decode import read_dataset
 

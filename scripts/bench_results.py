@@ -49,9 +49,9 @@ from pacs_classifier.db.models import (
     SendJob,
     utcnow,
 )
-from pacs_classifier.infer.worker import Worker
 from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
 from pacs_classifier.results.role import ResultsWorker
+from pacs_classifier.worker import Worker
 
 log = logging.getLogger("bench_results")
 
@@ -164,7 +164,7 @@ def with_sender(
 
 def run(args: argparse.Namespace, work: Path) -> None:
     from pacs_classifier.db.migrate import upgrade
-    from pacs_classifier.infer.registry import register_bundle
+    from pacs_classifier.model.registry import register_bundle
 
     bundle, described = choose_bundle(args.bundle, work)
     scp_port = _free_port()

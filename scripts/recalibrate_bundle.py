@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pacs_classifier.infer.bundle import MODEL_FILES, read_bundle, write_metadata
-from pacs_classifier.infer.runtime import KerasPredictor
+from pacs_classifier.model.bundle import MODEL_FILES, read_bundle, write_metadata
+from pacs_classifier.model.runtime import KerasPredictor
 from pacs_classifier.train.data import CLASSES, Sample, load_arrays, patient_group
 from pacs_classifier.train.plots import write_training_plots
 from pacs_classifier.train.trainer import CALIBRATIONS, fit_operating_point

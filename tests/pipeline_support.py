@@ -45,7 +45,7 @@ def build_bundles(out: Path) -> Bundles:
     """
     import keras
 
-    from pacs_classifier.infer.bundle import write_metadata, write_model_files
+    from pacs_classifier.model.bundle import write_metadata, write_model_files
     from pacs_classifier.train.model import BaseWeights, build_base, build_classifier, cut_base
 
     keras.utils.set_random_seed(7)

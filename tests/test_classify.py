@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent, Instance, Job, JobState, Prediction
-from pacs_classifier.infer.registry import register_bundle
+from pacs_classifier.model.registry import register_bundle
 
 CHEST = "chest_sc_mono2_8bit_jpeg_baseline.dcm"
 LEG = "leg_cr_mono1_10bit_j2k_lossless.dcm"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from pacs_classifier.infer.bundle import read_bundle
+from pacs_classifier.model.bundle import read_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ from pacs_classifier.db.models import (
     Model,
     Prediction,
 )
-from pacs_classifier.infer.registry import register_bundle
+from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
 from pacs_classifier.report import queries
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pacs_classifier.infer.runtime import calibrate
-from pacs_classifier.train import metrics as mt
+from pacs_classifier.model import metrics as mt
+from pacs_classifier.model.runtime import calibrate
 from pacs_classifier.train.evaluate import write_evaluation
 
 # 4 positives, 4 negatives; at threshold 0.5: tp 3, fn 1, fp 1, tn 3

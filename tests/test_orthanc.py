@@ -30,11 +30,11 @@ from test_results import dciodvfy_errors
 from pacs_classifier.config import Config, config_from_mapping
 from pacs_classifier.db import migrate
 from pacs_classifier.db.models import AuditEvent, Job, JobState, ResultKind, ResultObject, SendJob
-from pacs_classifier.infer.registry import register_bundle
-from pacs_classifier.infer.worker import Worker
+from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
 from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.wiring import App
+from pacs_classifier.worker import Worker
 
 pytestmark = [pytest.mark.slow]
 

@@ -27,10 +27,10 @@ from pacs_classifier.db.models import (
     RunTrigger,
 )
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.infer.registry import activate_version, register_bundle
-from pacs_classifier.infer.worker import Worker
+from pacs_classifier.model.registry import activate_version, register_bundle
 from pacs_classifier.reclassify import select_instances, start_run
 from pacs_classifier.record.predictions import ModelRef, record_prediction
+from pacs_classifier.worker import Worker
 
 CHEST = "chest_cr_mono1_10bit_no_file_meta.dcm"
 

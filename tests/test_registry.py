@@ -16,13 +16,13 @@ from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent, Model
 from pacs_classifier.errors import ModelError
-from pacs_classifier.infer.registry import (
+from pacs_classifier.model.registry import (
     activate_version,
     active_model,
     list_models,
     register_bundle,
 )
-from pacs_classifier.infer.runtime import load_predictor
+from pacs_classifier.model.runtime import load_predictor
 
 ACTOR = "cli:test"
 

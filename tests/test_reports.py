@@ -12,7 +12,7 @@ from pipeline_support import Bundles, add_instances, cli, make_config, write_con
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.infer.registry import register_bundle
+from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
 from pacs_classifier.record.predictions import ModelRef, record_prediction
 from pacs_classifier.report import queries

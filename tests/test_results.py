@@ -38,13 +38,13 @@ from pacs_classifier.db.models import (
     RunTrigger,
     SendJob,
 )
-from pacs_classifier.infer.registry import register_bundle
-from pacs_classifier.infer.worker import Worker
+from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
 from pacs_classifier.report import queries
 from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results
 from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.results.sr import ObjectUids, Predecessor, SrContent, build_sr
+from pacs_classifier.worker import Worker
 
 CHEST = "chest_cr_mono1_15bit_explicit_le.dcm"
 

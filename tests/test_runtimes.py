@@ -21,17 +21,17 @@ from pacs_classifier.db import migrate
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent
 from pacs_classifier.errors import ModelError
-from pacs_classifier.infer import export as export_mod
-from pacs_classifier.infer.bundle import read_bundle, sha256_file
-from pacs_classifier.infer.export import (
+from pacs_classifier.model import export as export_mod
+from pacs_classifier.model.bundle import read_bundle, sha256_file
+from pacs_classifier.model.export import (
     MAX_FLOAT32_DELTA,
     export_runtimes,
     float32_parity,
     int8_parity,
     parity_inputs,
 )
-from pacs_classifier.infer.registry import register_bundle
-from pacs_classifier.infer.runtime import (
+from pacs_classifier.model.registry import register_bundle
+from pacs_classifier.model.runtime import (
     RUNTIMES_FILE,
     TfliteInt8Predictor,
     auto_choice,

@@ -13,9 +13,9 @@ from sqlalchemy import select
 from pacs_classifier.config import Config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model, Prediction, ReclassificationRun, RunState, RunTrigger
-from pacs_classifier.infer.registry import activate_version, register_bundle
-from pacs_classifier.infer.worker import Worker
+from pacs_classifier.model.registry import activate_version, register_bundle
 from pacs_classifier.scheduler import NightlyScheduler, build_trigger
+from pacs_classifier.worker import Worker
 
 CHEST = "chest_cr_mono1_10bit_no_file_meta.dcm"
 

@@ -122,7 +122,7 @@ def _grey_batch(cxr_dir: Path, size: int = 75) -> npt.NDArray[np.float32]:
 
 
 def test_equalisation_removes_a_change_of_grey_levels(cxr_dir: Path) -> None:
-    from pacs_classifier.infer.layers import HistogramEqualization
+    from pacs_classifier.model.layers import HistogramEqualization
 
     x = _grey_batch(cxr_dir)
     u = (x + 1) / 2
@@ -144,7 +144,7 @@ def test_equalisation_removes_a_change_of_grey_levels(cxr_dir: Path) -> None:
 def test_equalised_model_survives_serialisation_and_export(cxr_dir: Path) -> None:
     import keras
 
-    from pacs_classifier.infer.export import to_onnx, to_tflite_int8
+    from pacs_classifier.model.export import to_onnx, to_tflite_int8
     from pacs_classifier.train.model import BaseWeights, build_base, build_classifier, cut_base
 
     base = cut_base(build_base(BaseWeights.parse("none"), 75), "mixed0")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.infer.bundle import load_keras_model, read_bundle
+from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
-from pacs_classifier.train.model import BASE_NAME, BaseWeights, build_base
+from pacs_classifier.train.model import BaseWeights, build_base
 from pacs_classifier.train.trainer import TrainOptions, train
 
 SIZE = 75

@@ -9,10 +9,10 @@ from sqlalchemy import func, select
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent, Job, JobState, Label, Model, Prediction
-from pacs_classifier.infer.registry import activate_version, register_bundle
-from pacs_classifier.infer.runtime import Predictor, load_predictor
-from pacs_classifier.infer.worker import Worker
+from pacs_classifier.model.registry import activate_version, register_bundle
+from pacs_classifier.model.runtime import Predictor, load_predictor
 from pacs_classifier.preprocess import reasons
+from pacs_classifier.worker import Worker
 
 CHEST = sorted(
     [

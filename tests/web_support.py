@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model, UserRole
-from pacs_classifier.infer.registry import register_bundle
+from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.web import auth
 from pacs_classifier.web.auth import add_user
 

@@ -71,12 +71,12 @@ def classify_now(app: App, paths: list[Path], model_dir: Path | None) -> list[Ro
     """Classify in this process, storing nothing."""
     import numpy as np
 
-    from pacs_classifier.infer.runtime import load_predictor
+    from pacs_classifier.model.runtime import load_predictor
     from pacs_classifier.preprocess import serving_tensor
     from pacs_classifier.record.predictions import label_for
 
     if model_dir is None:
-        from pacs_classifier.infer.registry import active_model
+        from pacs_classifier.model.registry import active_model
 
         with app.checked_db().session() as session:
             active = active_model(session)
@@ -103,9 +103,9 @@ def record(app: App, paths: list[Path]) -> list[Row]:
     from sqlalchemy import select
 
     from pacs_classifier.db.models import Job, Prediction
-    from pacs_classifier.infer.worker import Worker
     from pacs_classifier.queue.jobs import OPEN_STATES
     from pacs_classifier.store.ingest import Ingestor
+    from pacs_classifier.worker import Worker
 
     db = app.checked_db()
     storage = app.storage

@@ -102,7 +102,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ("pacs_classifier.receive", logging.WARNING),
         ("pacs_classifier.preprocess", logging.ERROR),
         ("pacs_classifier.store", logging.ERROR),
-        ("pacs_classifier.infer", logging.WARNING),
+        ("pacs_classifier.model", logging.WARNING),
         ("pacs_classifier.train", logging.WARNING),
         ("pacs_classifier.results", logging.WARNING),  # the demo prints where each went
     ):
@@ -234,7 +234,7 @@ class Demo:
         return result.out
 
     def register(self, app: Any, bundle: Path) -> str:
-        from pacs_classifier.infer.registry import register_bundle
+        from pacs_classifier.model.registry import register_bundle
 
         has_reference = (REFERENCE_MODEL_DIR / "metadata.json").is_file()
         small = register_bundle(
@@ -265,7 +265,7 @@ class Demo:
         return files
 
     def start_daemon(self, app: Any) -> Any:
-        from pacs_classifier.infer.worker import start_role
+        from pacs_classifier.worker import start_role
 
         listener = app.listener()
         listener.start()

@@ -45,7 +45,7 @@ def actor() -> str:
 
 def run_register(args: argparse.Namespace) -> int:
     from pacs_classifier import REFERENCE_MODEL_DIR
-    from pacs_classifier.infer.registry import register_bundle
+    from pacs_classifier.model.registry import register_bundle
 
     if (args.dir is None) == (not args.reference):
         raise PermanentError("model register: give a bundle folder DIR or --reference, not both")
@@ -70,7 +70,7 @@ def run_register(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from pacs_classifier.infer.registry import list_models
+    from pacs_classifier.model.registry import list_models
 
     app = load_app(args)
     try:
@@ -105,7 +105,7 @@ def _auc(metrics: dict[str, Any]) -> str:
 
 
 def run_activate(args: argparse.Namespace) -> int:
-    from pacs_classifier.infer.registry import activate_version
+    from pacs_classifier.model.registry import activate_version
 
     app = load_app(args)
     try:

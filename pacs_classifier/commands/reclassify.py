@@ -33,8 +33,8 @@ def register(sub: Any) -> None:
 
 
 def run_reclassify(args: argparse.Namespace) -> int:
-    from pacs_classifier.infer.worker import Worker
     from pacs_classifier.reclassify import finish_runs, run_finished, run_summary, start_run
+    from pacs_classifier.worker import Worker
 
     if args.since and args.until and args.since >= args.until:
         raise PermanentError("--since must be before --until")

@@ -46,7 +46,7 @@ def start_listener(app: App) -> StopRole:
 
 def start_worker(app: App) -> StopRole:
     """The classification worker (claims jobs, infers, records)."""
-    from pacs_classifier.infer.worker import start_role
+    from pacs_classifier.worker import start_role
 
     return start_role(app)
 

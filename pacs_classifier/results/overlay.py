@@ -40,7 +40,7 @@ def grad_cam(model: Any, tensor: npt.NDArray[np.float32]) -> npt.NDArray[np.floa
     """The Grad-CAM map (feature-map resolution, values in [0, 1]) of one input tensor."""
     import tensorflow as tf
 
-    from pacs_classifier.train.model import BASE_NAME
+    from pacs_classifier.model.bundle import BASE_NAME
 
     base = model.get_layer(BASE_NAME)
     x = tf.convert_to_tensor(tensor[None, ...], dtype=tf.float32)
@@ -102,7 +102,7 @@ class OverlayRenderer:
         self._image_size = 0
 
     def model_for(self, path: str) -> Any:
-        from pacs_classifier.infer.bundle import load_keras_model, read_bundle
+        from pacs_classifier.model.bundle import load_keras_model, read_bundle
 
         if self._model is None or self._model_path != path:
             info = read_bundle(path)

@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import NotAssessable, PermanentError
-from pacs_classifier.infer.bundle import CLASS_NAMES, read_bundle
-from pacs_classifier.infer.runtime import load_predictor
-from pacs_classifier.train import metrics as mt
+from pacs_classifier.model import metrics as mt
+from pacs_classifier.model.bundle import CLASS_NAMES, read_bundle
+from pacs_classifier.model.runtime import load_predictor
 from pacs_classifier.train.data import Sample, list_samples, load_units
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pacs_classifier.errors import ModelError, PermanentError
+from pacs_classifier.model.bundle import BASE_NAME
 
 BASE_BLOCKS = tuple(f"mixed{i}" for i in range(11))
-BASE_NAME = "inception_v3_base"
 INPUT_RANGES = ("symmetric", "unit")
 INTENSITIES = ("none", "equalize")
 
@@ -98,7 +98,7 @@ def cut_base(base: Any, block: str) -> Any:
 
 def input_adapter(inputs: Any, input_range: str, intensity: str = "none") -> Any:
     """The layers between the [-1, 1] tensor and the base: the intensity normalisation
-    (``equalize``: per-image histogram equalisation, ``infer/layers.py``) and, for a base
+    (``equalize``: per-image histogram equalisation, ``model/layers.py``) and, for a base
     trained on [0, 1], a rescaling. Part of the model, so every runtime applies them."""
     import keras
 
@@ -112,7 +112,7 @@ def input_adapter(inputs: Any, input_range: str, intensity: str = "none") -> Any
         )
     x = inputs
     if intensity == "equalize":
-        from pacs_classifier.infer.layers import HistogramEqualization
+        from pacs_classifier.model.layers import HistogramEqualization
 
         x = HistogramEqualization(name="equalize")(x)
     if input_range == "unit":

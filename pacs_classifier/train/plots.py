@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pacs_classifier.train import metrics as mt
+from pacs_classifier.model import metrics as mt
 
 
 def _plt() -> Any:

@@ -32,8 +32,8 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from pacs_classifier.model import metrics as mt
 from pacs_classifier.preprocess.tensor import resize, unit_to_tensor
-from pacs_classifier.train import metrics as mt
 
 Unit = npt.NDArray[np.float32]
 Rng = np.random.Generator

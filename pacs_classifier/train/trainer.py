@@ -31,15 +31,16 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.infer.bundle import (
+from pacs_classifier.model import metrics as mt
+from pacs_classifier.model.bundle import (
+    BASE_NAME,
     BUNDLE_FORMAT,
     CLASS_NAMES,
     manifest_sha256,
     write_metadata,
     write_model_files,
 )
-from pacs_classifier.infer.runtime import calibrate
-from pacs_classifier.train import metrics as mt
+from pacs_classifier.model.runtime import calibrate
 from pacs_classifier.train.data import (
     Sample,
     Split,
@@ -51,7 +52,6 @@ from pacs_classifier.train.data import (
 )
 from pacs_classifier.train.model import (
     BASE_BLOCKS,
-    BASE_NAME,
     BaseWeights,
     build_base,
     build_classifier,
@@ -70,7 +70,7 @@ CALIBRATE_ON = ("validation", "validation+shifts")
 INTENSITY_DESCRIPTIONS = {
     "none": "none (the [0, 1] grey image as windowed)",
     "equalize": "per-image histogram equalisation over the image content, in the model "
-    "(layer 'equalize', pacs_classifier.infer.layers.HistogramEqualization)",
+    "(layer 'equalize', pacs_classifier.model.layers.HistogramEqualization)",
 }
 THRESHOLD_RULE = "highest threshold keeping validation sensitivity >= {target}"
 

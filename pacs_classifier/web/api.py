@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel
 
 from pacs_classifier.db.models import JobState, Label
-from pacs_classifier.infer.registry import list_models
+from pacs_classifier.model.registry import list_models
 from pacs_classifier.queue.jobs import list_jobs
 from pacs_classifier.report.results import (
     ResultQuery,

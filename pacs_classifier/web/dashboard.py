@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from pacs_classifier.db.audit import verify_chain
 from pacs_classifier.db.models import AuditEvent, JobState, Label
 from pacs_classifier.errors import NotAssessable
-from pacs_classifier.infer.registry import list_models
+from pacs_classifier.model.registry import list_models
 from pacs_classifier.queue.jobs import list_jobs, queue_depth, retry_failed
 from pacs_classifier.report import queries
 from pacs_classifier.report.results import (

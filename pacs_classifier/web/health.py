@@ -131,8 +131,8 @@ class HealthChecks:
         )
 
     def model(self) -> ComponentCheck:
-        from pacs_classifier.infer.bundle import read_bundle
-        from pacs_classifier.infer.registry import active_model
+        from pacs_classifier.model.bundle import read_bundle
+        from pacs_classifier.model.registry import active_model
 
         try:
             with self.db.read_session() as session:

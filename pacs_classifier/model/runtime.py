@@ -7,7 +7,7 @@ is applied here, so every runtime returns the probabilities the threshold was ch
 
 Runtimes: ``keras`` (the bundle's own model behind a fixed-signature ``tf.function``),
 ``onnx`` (ONNX Runtime, float32) and ``tflite-int8`` (LiteRT, dynamic-range int8). The
-last two are files that :mod:`pacs_classifier.infer.export` writes into a registered
+last two are files that :mod:`pacs_classifier.model.export` writes into a registered
 bundle, each recorded in ``runtimes.json`` with its SHA-256, its parity check against
 Keras and its measured speed. ``auto`` serves the fastest one that passed parity.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import ModelError
-from pacs_classifier.infer.bundle import BundleInfo, load_keras_model, read_bundle
+from pacs_classifier.model.bundle import BundleInfo, load_keras_model, read_bundle
 
 log = logging.getLogger(__name__)
 

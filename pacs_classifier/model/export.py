@@ -44,8 +44,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import ModelError, NotAssessable
-from pacs_classifier.infer.bundle import CLASS_NAMES, BundleInfo, read_bundle, sha256_file
-from pacs_classifier.infer.runtime import (
+from pacs_classifier.model.bundle import CLASS_NAMES, BundleInfo, read_bundle, sha256_file
+from pacs_classifier.model.metrics import roc_auc
+from pacs_classifier.model.runtime import (
     EXPORTED_FILES,
     RUNTIMES_FILE,
     RUNTIMES_FORMAT,
@@ -56,7 +57,6 @@ from pacs_classifier.infer.runtime import (
     read_runtimes,
     read_verified,
 )
-from pacs_classifier.train.metrics import roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def _export_and_check(
 
 def _load_file(name: str, info: BundleInfo, sha256: str, threads: int | None) -> Predictor:
     """The predictor of a freshly written file, before it is recorded as usable."""
-    from pacs_classifier.infer.runtime import OnnxPredictor, TfliteInt8Predictor
+    from pacs_classifier.model.runtime import OnnxPredictor, TfliteInt8Predictor
 
     data = read_verified(info.path / EXPORTED_FILES[name], sha256)
     if name == "onnx":

@@ -27,6 +27,9 @@ from typing import Any
 
 from pacs_classifier.errors import ModelError
 
+#: The name of the InceptionV3 base inside every bundle's model (Grad-CAM and fine-tuning find it).
+BASE_NAME = "inception_v3_base"
+
 ARCHITECTURE_FILE = "model.json"
 WEIGHTS_FILE = "weights.npz"
 METADATA_FILE = "metadata.json"
@@ -141,7 +144,7 @@ def load_keras_model(info: BundleInfo) -> Any:
     import keras
     import numpy as np
 
-    import pacs_classifier.infer.layers  # noqa: F401 - registers the bundle's own layers
+    import pacs_classifier.model.layers  # noqa: F401 - registers the bundle's own layers
 
     try:
         model = keras.models.model_from_json(

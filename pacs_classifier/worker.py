@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import JobKind, JobState
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
-from pacs_classifier.infer.registry import active_model
-from pacs_classifier.infer.runtime import Predictor, load_predictor
+from pacs_classifier.model.registry import active_model
+from pacs_classifier.model.runtime import Predictor, load_predictor
 from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, QueuePolicy
 from pacs_classifier.queue.liveness import WORKERS_DIR_NAME, WorkerLocks
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction

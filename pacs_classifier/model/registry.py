@@ -22,7 +22,7 @@ from pacs_classifier.db.audit import append_event
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model, utcnow
 from pacs_classifier.errors import ModelError, PermanentError
-from pacs_classifier.infer.bundle import BundleInfo, read_bundle
+from pacs_classifier.model.bundle import BundleInfo, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def register_bundle(
     """Check ``source``, copy it to ``model_dir/<version>`` and record it.
 
     With ``export``, the copy is also exported to the faster runtimes that pass their parity
-    check (:mod:`pacs_classifier.infer.export`, a minute or two per model); a failure there
+    check (:mod:`pacs_classifier.model.export`, a minute or two per model); a failure there
     is logged and audited, and the model is registered for Keras regardless.
     """
     # DEBUG, not INFO: a bundle that fails its check must leave one line on stderr.
@@ -99,7 +99,7 @@ def register_bundle(
 
 def _export_runtimes(dest: Path) -> dict[str, Any]:
     """Export the registered copy; a summary for the audit trail. Never raises."""
-    from pacs_classifier.infer.export import export_runtimes
+    from pacs_classifier.model.export import export_runtimes
 
     try:
         record = export_runtimes(dest)
