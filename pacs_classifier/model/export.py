@@ -45,6 +45,7 @@ import numpy.typing as npt
 
 from pacs_classifier.errors import ModelError, NotAssessable
 from pacs_classifier.model.bundle import CLASS_NAMES, BundleInfo, read_bundle, sha256_file
+from pacs_classifier.model.metadata import SPLIT_FILE
 from pacs_classifier.model.metrics import roc_auc
 from pacs_classifier.model.runtime import (
     EXPORTED_FILES,
@@ -164,7 +165,7 @@ def parity_inputs(info: BundleInfo, max_images: int = 300) -> ParityInputs:
                 np.asarray(labels, dtype=np.int64),
                 {
                     "source": "validation",
-                    "folder": str(info.metadata["data"]["folder"]),
+                    "folder": str(info.metadata.data.folder if info.metadata.data else ""),
                     "val_images": len(files),
                     "max_images": max_images,
                     "count": len(x),
@@ -349,8 +350,9 @@ def _timed_predict(
 
 def _validation_files(info: BundleInfo) -> list[tuple[Path, int]]:
     """(path, label) of every validation image named by the bundle that exists here."""
-    folder = info.metadata.get("data", {}).get("folder")
-    split_file = info.path / str(info.metadata.get("data", {}).get("split_file", "split.json"))
+    data = info.metadata.data
+    folder = data.folder if data else None
+    split_file = info.path / (data.split_file if data else SPLIT_FILE)
     if not folder or not split_file.is_file():
         return []
     try:

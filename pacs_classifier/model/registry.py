@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,8 @@ def register_bundle(
                 sha256=info.sha256,
                 threshold=info.threshold,
                 image_size=info.image_size,
-                metrics=dict(info.metadata.get("metrics", {}).get("final", {})),
-                created_at=_parse_time(info.created_at),
+                metrics=info.metadata.metrics.final.to_json(),
+                created_at=info.created_at,
                 registered_at=utcnow(),
                 active=False,
             )
@@ -171,13 +170,3 @@ def _install(info: BundleInfo, model_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def _parse_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ModelError(f"bad created_at in bundle metadata: {text!r}") from None
-    if value.tzinfo is None:
-        raise ModelError(f"created_at in bundle metadata has no time zone: {text!r}")
-    return value
