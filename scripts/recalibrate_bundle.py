@@ -3,11 +3,11 @@
 The model files are copied unchanged (same SHA-256); only the calibration, the threshold
 and the validation metrics in ``metadata.json`` are new, and the new version records the
 one it was derived from. The validation images are those the bundle's ``split.json``
-names, read from the data folder its metadata records (or ``--data``), through the same
-``normalize_file`` the daemon serves with. The test data is never consulted.
+names, relative to the dataset root ``--data``, read through the same ``normalize_file``
+the daemon serves with. The test data is never consulted.
 
     .venv/bin/python scripts/recalibrate_bundle.py models/reference --out /tmp/recal \\
-        --method platt
+        --data ../shared/data/cxr224/train --method platt
 """
 
 from __future__ import annotations
@@ -22,27 +22,31 @@ from pathlib import Path
 
 import numpy as np
 
-from pacs_classifier.model.bundle import MODEL_FILES, read_bundle, write_metadata
+from pacs_classifier.model.bundle import (
+    MODEL_FILES,
+    BundleInfo,
+    read_bundle,
+    split_images,
+    write_metadata,
+)
 from pacs_classifier.model.metadata import DerivedFrom
 from pacs_classifier.model.runtime import KerasPredictor
-from pacs_classifier.train.data import CLASSES, Sample, load_arrays, patient_group
+from pacs_classifier.train.data import Sample, load_arrays, patient_group
 from pacs_classifier.train.plots import write_training_plots
 from pacs_classifier.train.trainer import CALIBRATIONS, fit_operating_point
 
 
-def validation_samples(data: Path, val_names: set[str]) -> list[Sample]:
-    samples = [
-        Sample(path, label, patient_group(path.name))
-        for label, name in enumerate(CLASSES)
-        for path in sorted((data / name).iterdir())
-        if path.name in val_names
-    ]
-    if len(samples) != len(val_names):
+def validation_samples(info: BundleInfo, data: Path) -> list[Sample]:
+    """The bundle's validation images under the dataset root ``data``; all of them."""
+    found = split_images(info, data, "val")
+    split_file = info.metadata.data.split_file if info.metadata.data else "split.json"
+    named = len(json.loads((info.path / split_file).read_text(encoding="utf-8"))["val"])
+    if len(found) != named:
         raise SystemExit(
-            f"{data}: found {len(samples)} of the {len(val_names)} validation "
-            "images the bundle's split.json names"
+            f"{data}: found {len(found)} of the {named} validation images the bundle's "
+            f"{split_file} names"
         )
-    return samples
+    return [Sample(path, label, patient_group(path.name)) for path, label in found]
 
 
 def main() -> int:
@@ -50,7 +54,12 @@ def main() -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="new bundle folder")
     parser.add_argument("--method", choices=CALIBRATIONS, default="platt")
-    parser.add_argument("--data", type=Path, help="labelled folder (default: the bundle's)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="labelled dataset root (NORMAL/, PNEUMONIA/) the bundle's split.json is relative to",
+    )
     parser.add_argument(
         "--target-sensitivity",
         type=float,
@@ -62,9 +71,7 @@ def main() -> int:
 
     info = read_bundle(args.bundle)
     meta = info.metadata
-    data = args.data or Path(meta.data.folder if meta.data and meta.data.folder else "")
-    split = json.loads((info.path / "split.json").read_text(encoding="utf-8"))
-    samples = validation_samples(data, set(split["val"]))
+    samples = validation_samples(info, args.data)
     target = (
         args.target_sensitivity
         if args.target_sensitivity is not None

@@ -9,14 +9,14 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pytest
 
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle
+from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle, split_images
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
 from pacs_classifier.train.model import BaseWeights, build_base
 from pacs_classifier.train.trainer import TrainOptions, train
@@ -51,6 +51,15 @@ def _opts(data: Path, out: Path, **kw: object) -> TrainOptions:
     }
     base.update(kw)
     return TrainOptions(**base)  # type: ignore[arg-type]
+
+
+def _val_folder(bundle: Path, data: Path, dest: Path) -> Path:
+    """A labelled folder holding only the bundle's validation images."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (dest / cls).mkdir(parents=True)
+    for path, label in split_images(read_bundle(bundle), data):
+        shutil.copy(path, dest / ("NORMAL", "PNEUMONIA")[label] / path.name)
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +179,7 @@ def test_phase2_trains_only_the_unfrozen_blocks_and_keeps_batchnorm_statistics(
     assert changed_above > 0, "no weight of the unfrozen blocks changed in phase 2"
 
 
-def test_bundle_metadata_and_plots(tiny_bundle: Path) -> None:
+def test_bundle_metadata_and_plots(tiny_bundle: Path, tiny_data: Path) -> None:
     info = read_bundle(tiny_bundle)
     meta = info.metadata
     assert info.version == "tiny-1"
@@ -181,7 +190,12 @@ def test_bundle_metadata_and_plots(tiny_bundle: Path) -> None:
     assert meta.threshold.target_sensitivity == 0.97
     assert meta.calibration.temperature > 0
     split = json.loads((tiny_bundle / "split.json").read_text())
-    assert not {patient_group(n) for n in split["train"]} & {patient_group(n) for n in split["val"]}
+    train_groups = {patient_group(PurePosixPath(n).name) for n in split["train"]}
+    assert not train_groups & {patient_group(PurePosixPath(n).name) for n in split["val"]}
+    # paths relative to the dataset root; the recorded folder is only informational
+    assert split["val"][0].split("/")[0] in ("NORMAL", "PNEUMONIA")
+    assert meta.data is not None and meta.data.folder == str(tiny_data.resolve())
+    assert len(split_images(info, tiny_data)) == len(split["val"]) == meta.metrics.final.n
     for plot in ("training_curves", "roc", "precision_recall", "confusion_matrix", "calibration"):
         assert (tiny_bundle / "plots" / f"{plot}.png").stat().st_size > 1000
     final = meta.metrics.final
@@ -194,13 +208,7 @@ def test_evaluate_reproduces_the_recorded_validation_metrics(
 ) -> None:
     from pacs_classifier.train.evaluate import evaluate_bundle
 
-    split = json.loads((tiny_bundle / "split.json").read_text())
-    val_dir = tmp_path / "val"
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (val_dir / cls).mkdir(parents=True)
-        for path in (tiny_data / cls).iterdir():
-            if path.name in split["val"]:
-                shutil.copy(path, val_dir / cls / path.name)
+    val_dir = _val_folder(tiny_bundle, tiny_data, tmp_path / "val")
     ev = evaluate_bundle(tiny_bundle, val_dir, tmp_path / "eval", progress=False)
     recorded = read_bundle(tiny_bundle).metadata.metrics.final
     assert ev.metrics["n"] == recorded.n
@@ -295,7 +303,7 @@ def test_wrong_weights_file_fails_with_one_line(tmp_path: Path, tiny_data: Path)
 
 
 def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
-    tiny_bundle: Path, tmp_path: Path
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "recal"
     proc = subprocess.run(
@@ -307,6 +315,8 @@ def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
             str(out),
             "--method",
             "platt",
+            "--data",
+            str(tiny_data),
         ],
         capture_output=True,
         text=True,
@@ -328,16 +338,6 @@ def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
 
 
 # ------------------------------------------------------------------ shift-robust training
-
-
-def _val_folder(bundle: Path, data: Path, dest: Path) -> Path:
-    split = json.loads((bundle / "split.json").read_text())
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (dest / cls).mkdir(parents=True)
-        for path in (data / cls).iterdir():
-            if path.name in split["val"]:
-                shutil.copy(path, dest / cls / path.name)
-    return dest
 
 
 def test_shift_robust_training_records_cross_validation_and_stress_suite(

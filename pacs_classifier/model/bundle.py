@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pacs_classifier.errors import ModelError
@@ -34,6 +34,7 @@ from pacs_classifier.model.metadata import (
     CLASS_NAMES,
     METADATA_FILE,
     MODEL_FILES,
+    SPLIT_FILE,
     WEIGHTS_FILE,
     BundleMetadata,
     dump_metadata,
@@ -133,6 +134,39 @@ def read_bundle(path: str | Path, *, verify: bool = True) -> BundleInfo:
     return BundleInfo(root, metadata)
 
 
+def split_images(info: BundleInfo, data_root: Path, part: str = "val") -> list[tuple[Path, int]]:
+    """(path, label) of each image the bundle's split file lists under ``part`` that
+    exists under ``data_root``, sorted by path.
+
+    Entries are paths relative to the dataset root, ``NORMAL/IM-0115-0001.jpeg``; a bare
+    file name (bundles written before relative entries) is looked up in each class folder.
+    An entry that would leave the dataset root, or an unreadable split file, is a
+    :class:`ModelError`.
+    """
+    split_file = info.path / (info.metadata.data.split_file if info.metadata.data else SPLIT_FILE)
+    try:
+        entries = json.loads(split_file.read_text(encoding="utf-8")).get(part, [])
+    except FileNotFoundError:
+        raise ModelError(f"{info.path}: no {split_file.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ModelError(f"{split_file}: unreadable split file: {exc}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ModelError(f"{split_file}: {part!r} must be a list of file paths")
+    found = []
+    for entry in sorted(entries):
+        rel = PurePosixPath(entry)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ModelError(f"{split_file}: {entry!r} is not a path inside the dataset root")
+        if len(rel.parts) == 1:
+            candidates = [(data_root / cls / entry, label) for label, cls in enumerate(CLASS_NAMES)]
+        elif rel.parts[0] in CLASS_NAMES:
+            candidates = [(data_root.joinpath(*rel.parts), CLASS_NAMES.index(rel.parts[0]))]
+        else:
+            raise ModelError(f"{split_file}: {entry!r} is not under a class folder")
+        found += [c for c in candidates if c[0].is_file()][:1]
+    return found
+
+
 def write_model_files(model: Any, out_dir: Path) -> dict[str, str]:
     """Write the architecture and float16 weights of a Keras model; return their SHA-256."""
     import numpy as np
@@ -193,6 +227,7 @@ __all__ = [
     "read_bundle",
     "read_metadata",
     "sha256_file",
+    "split_images",
     "write_metadata",
     "write_model_files",
 ]

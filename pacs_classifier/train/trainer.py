@@ -210,7 +210,7 @@ def train(opts: TrainOptions) -> TrainResult:
     created = datetime.now(UTC)
     files = write_model_files(model, opts.out)
     version = opts.version or f"{created:%Y%m%d-%H%M%S}-{manifest_sha256(files)[:8]}"
-    _write_split(opts.out, split)
+    _write_split(opts.out, split, opts.data)
     metadata = BundleMetadata(
         version=version,
         created_at=created,
@@ -760,10 +760,12 @@ def _predict(model: Any, x: Any, batch_size: int) -> npt.NDArray[np.float64]:
     return np.concatenate(out).astype(np.float64)
 
 
-def _write_split(out: Path, split: Split) -> None:
+def _write_split(out: Path, split: Split, data_root: Path) -> None:
+    """``split.json``: each side's images as POSIX paths relative to the dataset root
+    (``NORMAL/IM-0115-0001.jpeg``), so whoever has the data elsewhere can find them."""
     data = {
-        "train": sorted(s.path.name for s in split.train),
-        "val": sorted(s.path.name for s in split.val),
+        "train": sorted(s.path.relative_to(data_root).as_posix() for s in split.train),
+        "val": sorted(s.path.relative_to(data_root).as_posix() for s in split.val),
         "val_groups": sorted({s.group for s in split.val}),
     }
     (out / SPLIT_FILE).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
