@@ -139,6 +139,14 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def drain_jobs(config: Config, *, timeout_s: float = 120, **worker_args: Any) -> None:
+    """Work the queue with a worker as the wiring builds it until every job has ended."""
+    from pacs_classifier.wiring import App
+
+    with App(config) as app:
+        app.worker(**worker_args).drain(until=lambda: all_jobs_ended(app.db), timeout_s=timeout_s)
+
+
 def all_jobs_ended(db: Database) -> bool:
     states = job_states(db)
     return not states.get(JobState.QUEUED, 0) and not states.get(JobState.RUNNING, 0)
