@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ def test_unknown_keys_of_a_newer_bundle_are_kept(tmp_path: Path) -> None:
     assert meta.metrics.final.extra == {"youden": 0.91}
     assert dump_metadata(meta) == raw
     # a derived bundle (new threshold) keeps them too
-    derived = replace(meta, version="ref-2", threshold=replace(meta.threshold, value=0.4))
+    derived = meta.replace(version="ref-2", threshold=meta.threshold.replace(value=0.4))
     out = dump_metadata(derived)
     assert out["site_acceptance"] == raw["site_acceptance"]
     assert out["threshold"] == raw["threshold"] | {"value": 0.4}
