@@ -216,6 +216,9 @@ class NightlyScheduler:
         self._standby_logged = False
         self._scheduler: Any = None
         self.is_leader = threading.Event()
+        #: Checks the leader runs once per UTC day (the drift check), beside the schedule.
+        self.daily: list[Callable[[], object]] = []
+        self._daily_done: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -259,6 +262,20 @@ class NightlyScheduler:
             self._step_down()
             return
         self._close_finished_runs()
+        self.run_daily()
+
+    def run_daily(self) -> None:
+        """Run the daily checks once per UTC day (again after a restart: they are
+        idempotent). A failing check is logged and tried again the next day."""
+        today = utcnow().date().isoformat()
+        if self._daily_done == today:
+            return
+        self._daily_done = today
+        for check in self.daily:
+            try:
+                check()
+            except Exception:
+                log.exception("scheduler: daily check %s failed", getattr(check, "__name__", check))
 
     def _start_apscheduler(self) -> None:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -338,5 +355,18 @@ def start_role(app: App) -> Callable[[], None]:
         log.info("scheduler: disabled in the configuration (scheduler.enabled = false)")
         return lambda: None
     scheduler = app.scheduler()
+    scheduler.daily.append(drift_check(app))
     scheduler.start()
     return scheduler.stop
+
+
+def drift_check(app: App) -> Callable[[], int]:
+    """The nightly drift check (``report/drift.py``): alerts of this week and the last."""
+    from pacs_classifier.report.drift import nightly_check
+
+    db, config = app.checked_db(), app.config
+
+    def drift_check() -> int:
+        return nightly_check(db, config, actor=ACTOR)
+
+    return drift_check

@@ -41,6 +41,7 @@ from pacs_classifier.model.bundle import (
     write_model_files,
 )
 from pacs_classifier.model.runtime import calibrate
+from pacs_classifier.model.validation_scores import write_validation_scores
 from pacs_classifier.train.data import (
     Sample,
     Split,
@@ -189,6 +190,8 @@ def train(opts: TrainOptions) -> TrainResult:
     files = write_model_files(model, opts.out)
     version = opts.version or f"{created:%Y%m%d-%H%M%S}-{manifest_sha256(files)[:8]}"
     _write_split(opts.out, split)
+    # The drift report's reference: the scores the bundle serves, on validation.
+    write_validation_scores(opts.out, y_val, p_val)
     metadata: dict[str, Any] = {
         "bundle_format": BUNDLE_FORMAT,
         "version": version,
