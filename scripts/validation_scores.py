@@ -1,7 +1,7 @@
 """Add ``validation_scores.npz`` to an existing bundle (the drift report's reference).
 
-Predicts the bundle's validation split (``split.json`` → ``val``, file names looked up
-under ``--data``'s class folders) through the serving path (``normalize_file`` and the
+Predicts the bundle's validation split (``split.json`` → ``val``, relative to the
+dataset root ``--data``) through the serving path (``normalize_file`` and the
 ``keras`` runtime, calibrated), writes the labels and probabilities beside the model
 files, and checks them against the bundle's recorded validation confusion matrix. The
 model files and ``metadata.json`` are not touched. New bundles get the file from the
@@ -14,43 +14,30 @@ trainer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from pacs_classifier.model.bundle import read_bundle
+from pacs_classifier.model.bundle import read_bundle, split_images
 from pacs_classifier.model.runtime import load_predictor
 from pacs_classifier.model.validation_scores import write_validation_scores
 from pacs_classifier.preprocess import normalize_file
-
-CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
-
-
-def validation_files(bundle: Path, data: Path) -> list[tuple[Path, int]]:
-    """(path, label) of each validation image, in ``split.json`` order."""
-    names = json.loads((bundle / "split.json").read_text(encoding="utf-8"))["val"]
-    where: dict[str, tuple[Path, int]] = {}
-    for cls, label in CLASSES.items():
-        for path in (data / cls).iterdir():
-            where[path.name] = (path, label)
-    missing = [n for n in names if n not in where]
-    if missing:
-        raise SystemExit(f"{len(missing)} validation images not under {data}, e.g. {missing[0]}")
-    return [where[n] for n in names]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="folder with class folders")
+    parser.add_argument("--data", type=Path, required=True, help="the dataset root")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     info = read_bundle(args.bundle)
     predictor = load_predictor(info, "keras")
-    samples = validation_files(args.bundle, args.data)
+    samples = split_images(info, args.data)
+    expected = info.metadata.metrics.final.n
+    if len(samples) != expected:
+        raise SystemExit(f"{len(samples)} validation images under {args.data}, expected {expected}")
     probs: list[float] = []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]
@@ -68,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tn": int(np.sum(~positive & (y == 0))),
         "fn": int(np.sum(~positive & (y == 1))),
     }
-    recorded = info.metadata.get("metrics", {}).get("final", {}).get("confusion")
+    recorded = info.metadata.metrics.final.confusion
     print(f"wrote {path}: {len(p)} images, confusion at {info.threshold:.4f}: {found}")
     print(f"recorded in metadata.json:            {recorded}")
     return 0

@@ -35,7 +35,6 @@ from pacs_classifier.db.models import (
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.model.validation_scores import FILE, read_validation_scores
 from pacs_classifier.report import drift
-from pacs_classifier.scheduler import NightlyScheduler, drift_check
 from pacs_classifier.wiring import App
 
 REFERENCE = REPO / "models" / "reference"
@@ -133,8 +132,7 @@ def test_shifted_week_alerts_once_and_a_stable_week_does_not(
 
         # The nightly scheduler's daily check: this week and the last.
         app = App(config)
-        scheduler = NightlyScheduler(db, config.scheduler)
-        scheduler.daily.append(drift_check(app))
+        scheduler = app.scheduler()
         with caplog.at_level(logging.WARNING, logger="pacs_classifier.report.drift"):
             scheduler.run_daily()
             scheduler.run_daily()  # once per day

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,6 +60,8 @@ ALL_VERSIONS = "*"
 METRIC_PSI = "psi"
 METRIC_POSITIVE_RATE = "positive_rate"
 METRIC_NOT_ASSESSED = "not_assessed_rate"
+#: The audit actor of the scheduler's daily check (the scheduler's own).
+SCHEDULER_ACTOR = "scheduler"
 PSI_BINS = 10
 #: Floor for an empty bin's share: PSI is infinite otherwise.
 PSI_EPSILON = 1e-4
@@ -398,6 +400,15 @@ def nightly_check(db: Database, config: Config, *, actor: str, now: datetime | N
     start = week_start(now or utcnow()) - timedelta(days=7)
     report = evaluate(db, config, actor=actor, since=start)
     return sum(a.new for a in report.alerts)
+
+
+def daily_check(db: Database, config: Config) -> Callable[[], int]:
+    """:func:`nightly_check` as the scheduler's daily check (``NightlyScheduler.daily``)."""
+
+    def drift_check() -> int:
+        return nightly_check(db, config, actor=SCHEDULER_ACTOR)
+
+    return drift_check
 
 
 # --------------------------------------------------------------------------- output
