@@ -94,6 +94,17 @@ def test_a_minimal_bundle_needs_only_the_required_keys() -> None:
     assert parse_metadata(dump_metadata(built)) == built == meta
 
 
+def test_sections_built_or_derived_in_code_are_validated_as_read() -> None:
+    with pytest.raises(ModelError, match=r"^value must be in \[0, 1\], received 1.5$"):
+        Threshold(value=1.5)
+    meta = parse_metadata(_reference_raw())
+    with pytest.raises(ModelError, match=r"^threshold.value: expected a number, received 'x'$"):
+        meta.replace(threshold={"value": "x"})
+    with pytest.raises(ModelError, match=r"^version must be 1-64 letters"):
+        meta.replace(version="a/b")
+    assert meta.replace(version="ref-2").threshold == meta.threshold  # frozen: shared
+
+
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     *parents, last = dotted.split(".")
