@@ -17,6 +17,7 @@ import pytest
 
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle
+from pacs_classifier.model.ood import read_ood
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
 from pacs_classifier.train.model import BaseWeights, build_base
 from pacs_classifier.train.trainer import TrainOptions, train
@@ -186,6 +187,10 @@ def test_bundle_metadata_and_plots(tiny_bundle: Path) -> None:
     final = meta["metrics"]["final"]
     # the threshold rule holds on validation
     assert final["sensitivity"] >= 0.97
+    # The out-of-distribution check is fitted for every new bundle, on its own split.
+    ood = read_ood(info)
+    assert ood is not None and ood.bundle_sha256 == info.sha256
+    assert ood.fitted_on == len(split["train"]) and ood.validation_n == len(split["val"])
 
 
 def test_evaluate_reproduces_the_recorded_validation_metrics(

@@ -1,0 +1,123 @@
+"""Fit a bundle's out-of-distribution check (``ood.npz``) from its own split.
+
+The features are those the bundle serves (Keras, layer ``pool``) of up to
+``max_train`` training images and every validation image named by ``split.json``, read
+from the data folder through :func:`normalize_file`, the serving path. The trainer calls
+:func:`fit_bundle_ood` on each new bundle; ``scripts/fit_ood.py`` does it for an existing
+one. ``ood.npz`` is a new file beside the model files: the checksummed files and
+``metadata.json`` are not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from pacs_classifier.errors import ModelError, NotAssessable, PermanentError
+from pacs_classifier.model.bundle import CLASS_NAMES, BundleInfo, read_bundle
+from pacs_classifier.model.ood import (
+    DEFAULT_COMPONENTS,
+    MAX_FALSE_REFUSAL,
+    OOD_FILE,
+    OodModel,
+    fit_ood,
+    write_ood,
+)
+from pacs_classifier.model.runtime import KerasPredictor, Predictor
+
+log = logging.getLogger(__name__)
+
+#: Training images the PCA is fitted on (spread evenly over the sorted split).
+DEFAULT_TRAIN_IMAGES = 2000
+
+
+def split_files(info: BundleInfo, part: str, data: Path | None = None) -> list[Path]:
+    """The files of split ``part`` (``train`` or ``val``) that exist under the data folder."""
+    folder = data or Path(str(info.metadata.get("data", {}).get("folder", "")))
+    split_file = info.path / str(info.metadata.get("data", {}).get("split_file", "split.json"))
+    try:
+        names = json.loads(split_file.read_text(encoding="utf-8"))[part]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PermanentError(f"{split_file}: no {part!r} list to fit on: {exc}") from None
+    found = []
+    for name in sorted(str(n) for n in names):
+        for cls in CLASS_NAMES:
+            if (folder / cls / name).is_file():
+                found.append(folder / cls / name)
+                break
+    return found
+
+
+def features_of(
+    predictor: Predictor, files: Sequence[Path], *, batch_size: int = 16
+) -> npt.NDArray[np.float32]:
+    """Pooled features of ``files`` (unreadable ones skipped, with a warning)."""
+    from pacs_classifier.preprocess import normalize_file
+
+    size = predictor.info.image_size
+    parts: list[npt.NDArray[np.float32]] = []
+    for i in range(0, len(files), batch_size):
+        batch = []
+        for path in files[i : i + batch_size]:
+            try:
+                batch.append(normalize_file(path, size))
+            except (NotAssessable, OSError) as exc:
+                log.warning("%s skipped: %s", path.name, exc)
+        if not batch:
+            continue
+        feats = predictor.infer(np.stack(batch)).features
+        if feats is None:
+            raise ModelError(f"{predictor.info.path}: the model has no feature layer 'pool'")
+        parts.append(feats)
+    if not parts:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def fit_bundle_ood(
+    bundle: str | Path | BundleInfo,
+    *,
+    data: Path | None = None,
+    max_train: int = DEFAULT_TRAIN_IMAGES,
+    components: int = DEFAULT_COMPONENTS,
+    max_false_refusal: float = MAX_FALSE_REFUSAL,
+) -> OodModel:
+    """Fit the check on the bundle's training images, threshold on its validation images,
+    and write ``ood.npz`` into the bundle folder."""
+    info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
+    train = split_files(info, "train", data)
+    val = split_files(info, "val", data)
+    if not train or not val:
+        raise PermanentError(
+            f"{info.path}: images of the split not found under the data folder "
+            f"({len(train)} training, {len(val)} validation); give the data folder"
+        )
+    if len(train) > max_train:
+        index = np.linspace(0, len(train) - 1, max_train).round().astype(int)
+        train = [train[i] for i in sorted(set(index.tolist()))]
+    predictor = KerasPredictor(info)
+    log.info("OOD check of %s: features of %d training images", info.version, len(train))
+    f_train = features_of(predictor, train)
+    log.info("OOD check of %s: features of %d validation images", info.version, len(val))
+    f_val = features_of(predictor, val)
+    model = fit_ood(
+        f_train,
+        f_val,
+        info.sha256,
+        components=components,
+        max_false_refusal=max_false_refusal,
+    )
+    write_ood(info.path / OOD_FILE, model)
+    log.info(
+        "OOD check of %s written: threshold %.3f, %.2f %% of %d validation images refused",
+        info.version,
+        model.threshold,
+        100 * model.validation_refused,
+        model.validation_n,
+    )
+    return model
