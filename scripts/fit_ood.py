@@ -1,6 +1,6 @@
 """Fit the out-of-distribution check of an existing bundle: writes BUNDLE/ood.npz.
 
-    .venv/bin/python scripts/fit_ood.py models/reference [--data ../shared/data/cxr224/train]
+    .venv/bin/python scripts/fit_ood.py models/reference --data ../shared/data/cxr224/train
 
 Uses the bundle's own split (``split.json``): up to ``--train-images`` training images for
 the feature distribution, every validation image for the threshold (at most 1 % of them
@@ -26,7 +26,9 @@ from pacs_classifier.train.ood import DEFAULT_TRAIN_IMAGES, fit_bundle_ood  # no
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--data", type=Path, help="data folder of the split (default: metadata's)")
+    ap.add_argument(
+        "--data", type=Path, required=True, help="dataset root the bundle's split.json is under"
+    )
     ap.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES)
     ap.add_argument("--components", type=int, default=DEFAULT_COMPONENTS)
     args = ap.parse_args()

@@ -1,7 +1,7 @@
 """Measure a bundle's out-of-distribution check (``ood.npz``) through a serving runtime.
 
     .venv/bin/python scripts/measure_ood.py models/reference --runtime keras \
-        --dicom ../shared/data/dicom [--json out.json]
+        --data ../shared/data/cxr224/train --dicom ../shared/data/dicom [--json out.json]
 
 Reports, at the bundle's threshold:
 
@@ -146,7 +146,9 @@ def main() -> int:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--runtime", default="keras")
     ap.add_argument("--dicom", type=Path, default=REPO.parent / "shared" / "data" / "dicom")
-    ap.add_argument("--data", type=Path, help="data folder of the split (default: metadata's)")
+    ap.add_argument(
+        "--data", type=Path, required=True, help="dataset root the bundle's split.json is under"
+    )
     ap.add_argument("--stress-images", type=int, default=200)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

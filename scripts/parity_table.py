@@ -1,6 +1,7 @@
 """Export a bundle's runtimes into a scratch copy and print their parity with Keras.
 
-    nice -n 10 .venv/bin/python scripts/parity_table.py models/reference [--max-images 300]
+    nice -n 10 .venv/bin/python scripts/parity_table.py models/reference \
+        --data ../shared/data/cxr224/train [--max-images 300]
 
 Exactly what registration does (``export_runtimes``: ONNX float32; int8 dynamic-range,
 then static int8 when dynamic-range misses the probability bound), on a copy in a
@@ -60,6 +61,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--max-images", type=int, default=300)
+    ap.add_argument("--data", type=Path, help="dataset root the bundle's split.json is under")
     ap.add_argument("--record", type=Path, help="print this runtimes.json instead")
     ap.add_argument("--json", type=Path, help="also write the new record here")
     args = ap.parse_args()
@@ -70,7 +72,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pacs-parity-") as tmp:
             copy = Path(tmp) / args.bundle.name
             shutil.copytree(args.bundle, copy)
-            record = export_runtimes(copy, max_images=args.max_images, force=True)
+            record = export_runtimes(
+                copy, max_images=args.max_images, force=True, data_root=args.data
+            )
         if args.json:
             args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"parity inputs: {record['parity_inputs']}; auto serves {record['auto']}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pipeline_support import Bundles, add_instances, all_jobs_ended, make_config
+from pipeline_support import Bundles, add_instances, drain_jobs, make_config
 from sqlalchemy import select
 
 from pacs_classifier import REFERENCE_MODEL_DIR
@@ -26,7 +26,6 @@ from pacs_classifier.model.bundle import read_bundle
 from pacs_classifier.model.ood import OOD_FILE, fit_ood, read_ood, write_ood
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
-from pacs_classifier.worker import Worker
 
 CHEST = [
     "chest_cr_mono1_10bit_no_file_meta.dcm",
@@ -64,7 +63,7 @@ def test_reference_refuses_a_dental_panoramic_whose_metadata_says_nothing(
     chest = add_instances(database, [dicom_dir / n for n in CHEST])
     dental = add_instances(database, [dicom_dir / DENTAL])
     (stripped,) = add_instances(database, [_stripped_dental(dicom_dir, tmp_path / "pano.dcm")])
-    Worker(database, config).drain(until=lambda: all_jobs_ended(database), timeout_s=180)
+    drain_jobs(config, timeout_s=180)
 
     ood = read_ood(read_bundle(REFERENCE_MODEL_DIR))
     assert ood is not None
@@ -104,7 +103,7 @@ def test_bundle_without_ood_file_serves_as_before_and_says_so_once(
     register_bundle(database, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
     ids = add_instances(database, [dicom_dir / CHEST[0]] * 5)
     with caplog.at_level(logging.INFO, logger="pacs_classifier.worker"):
-        Worker(database, config).drain(until=lambda: all_jobs_ended(database), timeout_s=120)
+        drain_jobs(config)
     with database.session() as s:
         states = [j.state for j in s.execute(select(Job)).scalars()]
         predicted = sorted(s.execute(select(Prediction.instance_id)).scalars())

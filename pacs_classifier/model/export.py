@@ -23,12 +23,14 @@ When the bundle has an out-of-distribution check (``ood.npz``), the record also 
 each runtime's OOD scores with Keras's on the parity inputs and on the synthetic set, for
 information (``ood``): the check's threshold was set on Keras's features.
 
-Parity inputs are the bundle's validation images (``metadata["data"]["folder"]`` and the
-``val`` names of ``split.json``, normalised with ``normalize_file``), at most
-``max_images`` spread evenly over the sorted list. Without them, :func:`synthetic_inputs`
-is used: its AUC is then taken against Keras's own labels (so Keras's AUC is 1 and the
-check asks whether int8 ranks the images on the same side of the threshold); when Keras
-gives one label only, the AUC is undefined and recorded as such.
+Parity inputs are the bundle's validation images: the ``val`` entries of ``split.json``,
+relative to the dataset root the caller gives (``data_root``: ``model register --data DIR``
+or ``[model] data_root``; the folder recorded in ``metadata.json`` is informational and
+never read), normalised with ``normalize_file``, at most ``max_images`` spread evenly over
+the sorted list. Without them, :func:`synthetic_inputs` is used, with a warning saying
+why: its AUC is then taken against Keras's own labels (so Keras's AUC is 1 and the check
+asks whether int8 ranks the images on the same side of the threshold); when Keras gives
+one label only, the AUC is undefined and recorded as such.
 
 The numbers, each file's SHA-256, and the images/s each runtime reached on the parity
 inputs (batches of 8, after one warm-up batch) go to ``runtimes.json``; ``metadata.json``
@@ -55,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import ModelError, NotAssessable
-from pacs_classifier.model.bundle import CLASS_NAMES, BundleInfo, read_bundle, sha256_file
+from pacs_classifier.model.bundle import BundleInfo, read_bundle, sha256_file, split_images
 from pacs_classifier.model.metrics import roc_auc
 from pacs_classifier.model.ood import OodModel, read_ood
 from pacs_classifier.model.runtime import (
@@ -105,11 +107,14 @@ def export_runtimes(
     runtimes: Sequence[str] = tuple(EXPORTED_FILES),
     threads: int | None = None,
     force: bool = False,
+    data_root: Path | None = None,
 ) -> dict[str, Any]:
     """Export, check and record the faster runtimes of a (registered) bundle folder.
 
-    Returns the record written to ``runtimes.json``. An up-to-date record whose files still
-    match their checksums is kept as it is unless ``force``.
+    ``data_root`` is the labelled dataset the bundle's ``split.json`` is relative to; its
+    validation images are the parity inputs (synthetic ones without it). Returns the record
+    written to ``runtimes.json``. An up-to-date record whose files still match their
+    checksums is kept as it is unless ``force``.
     """
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
     unknown = sorted(set(runtimes) - set(EXPORTED_FILES))
@@ -124,10 +129,12 @@ def export_runtimes(
         ", ".join(runtimes),
     )
     keras_pred = KerasPredictor(info)
-    inputs = parity_inputs(info, max_images)
+    inputs = parity_inputs(info, max_images, data_root=data_root)
     log.info("Keras reference on %d parity images", len(inputs.x))
     ref, keras_speed = _timed_predict(keras_pred, inputs.x)
-    check = _ParityCheck(info, inputs, ref, _ood_reference(info, keras_pred, ref), threads)
+    check = _ParityCheck(
+        info, inputs, ref, _ood_reference(info, keras_pred, ref), threads, data_root
+    )
     record: dict[str, Any] = {
         "format": RUNTIMES_FORMAT,
         "bundle_sha256": info.sha256,
@@ -165,13 +172,12 @@ def export_runtimes(
     return record
 
 
-def parity_inputs(info: BundleInfo, max_images: int = 300) -> ParityInputs:
-    """The bundle's validation images when they can be read, else the synthetic set."""
-    found = _validation_files(info)
-    if found:
-        files, why = found, ""
-    else:
-        files, why = [], "no data folder or split.json with 'val' entries"
+def parity_inputs(
+    info: BundleInfo, max_images: int = 300, *, data_root: Path | None = None
+) -> ParityInputs:
+    """The bundle's validation images under ``data_root`` when they can be read, else the
+    synthetic set."""
+    files, why = _validation_files(info, data_root)
     if files:
         picked = _spread(files, max_images)
         x, labels, skipped = _normalise(picked, info.image_size)
@@ -181,7 +187,7 @@ def parity_inputs(info: BundleInfo, max_images: int = 300) -> ParityInputs:
                 np.asarray(labels, dtype=np.int64),
                 {
                     "source": "validation",
-                    "folder": str(info.metadata["data"]["folder"]),
+                    "data_root": str(data_root),
                     "val_images": len(files),
                     "max_images": max_images,
                     "count": len(x),
@@ -290,6 +296,7 @@ class _ParityCheck:
     ref: Inference
     ood: _OodReference | None
     threads: int | None
+    data_root: Path | None
 
 
 @dataclass(frozen=True)
@@ -322,7 +329,7 @@ def _export_and_check(name: str, model: Any, check: _ParityCheck) -> dict[str, A
     entry["quantisation"] = "dynamic-range"
     if entry["usable"] or "parity" not in entry:
         return entry
-    calibration = _calibration_images(check.info)
+    calibration = _calibration_images(check.info, check.data_root)
     if calibration is None:
         entry["static"] = "not tried: no training images of the bundle to calibrate on"
         return entry
@@ -480,34 +487,35 @@ def _concat(parts: Sequence[Inference]) -> Inference:
     )
 
 
-def _calibration_images(info: BundleInfo) -> npt.NDArray[np.float32] | None:
+def _calibration_images(info: BundleInfo, data_root: Path | None) -> npt.NDArray[np.float32] | None:
     """Up to ``STATIC_CALIBRATION_IMAGES`` normalised training images, or None."""
-    files = _validation_files(info, part="train")
+    if data_root is None:
+        return None
+    try:
+        files = split_images(info, data_root, "train")
+    except ModelError as exc:
+        log.warning("%s: no training images for static int8: %s", info.version, exc)
+        return None
     if not files:
         return None
     x, _, _ = _normalise(_spread(files, STATIC_CALIBRATION_IMAGES), info.image_size)
     return np.stack(x) if x else None
 
 
-def _validation_files(info: BundleInfo, part: str = "val") -> list[tuple[Path, int]]:
-    """(path, label) of every image of split ``part`` named by the bundle that exists here."""
-    folder = info.metadata.get("data", {}).get("folder")
-    split_file = info.path / str(info.metadata.get("data", {}).get("split_file", "split.json"))
-    if not folder or not split_file.is_file():
-        return []
+def _validation_files(
+    info: BundleInfo, data_root: Path | None
+) -> tuple[list[tuple[Path, int]], str]:
+    """(path, label) of every validation image of the bundle found under ``data_root``, or
+    no files and why not."""
+    if data_root is None:
+        return [], "no dataset root given (model register --data DIR, or [model] data_root)"
     try:
-        names = json.loads(split_file.read_text(encoding="utf-8")).get(part, [])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        log.warning("%s: unreadable split file: %s", split_file, exc)
-        return []
-    found = []
-    for name in sorted(str(n) for n in names):
-        for label, cls in enumerate(CLASS_NAMES):
-            path = Path(folder) / cls / name
-            if path.is_file():
-                found.append((path, label))
-                break
-    return found
+        found = split_images(info, data_root, "val")
+    except ModelError as exc:
+        return [], str(exc)
+    if not found:
+        return [], f"none of the bundle's validation images is under {data_root}"
+    return found, ""
 
 
 def _spread(items: Sequence[tuple[Path, int]], n: int) -> list[tuple[Path, int]]:

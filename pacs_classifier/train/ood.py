@@ -2,7 +2,8 @@
 
 The features are those the bundle serves (Keras, layer ``pool``) of up to
 ``max_train`` training images and every validation image named by ``split.json``, read
-from the data folder through :func:`normalize_file`, the serving path. The trainer calls
+from the dataset root it is relative to (given explicitly, as for registration's parity
+check) through :func:`normalize_file`, the serving path. The trainer calls
 :func:`fit_bundle_ood` on each new bundle; ``scripts/fit_ood.py`` does it for an existing
 one. ``ood.npz`` is a new file beside the model files: the checksummed files and
 ``metadata.json`` are not touched.
@@ -10,7 +11,6 @@ one. ``ood.npz`` is a new file beside the model files: the checksummed files and
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import ModelError, NotAssessable, PermanentError
-from pacs_classifier.model.bundle import CLASS_NAMES, BundleInfo, read_bundle
+from pacs_classifier.model.bundle import BundleInfo, read_bundle, split_images
 from pacs_classifier.model.ood import (
     DEFAULT_COMPONENTS,
     MAX_FALSE_REFUSAL,
@@ -36,21 +36,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TRAIN_IMAGES = 2000
 
 
-def split_files(info: BundleInfo, part: str, data: Path | None = None) -> list[Path]:
-    """The files of split ``part`` (``train`` or ``val``) that exist under the data folder."""
-    folder = data or Path(str(info.metadata.get("data", {}).get("folder", "")))
-    split_file = info.path / str(info.metadata.get("data", {}).get("split_file", "split.json"))
+def split_files(info: BundleInfo, part: str, data: Path) -> list[Path]:
+    """The files of split ``part`` (``train`` or ``val``) found under the dataset root."""
     try:
-        names = json.loads(split_file.read_text(encoding="utf-8"))[part]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PermanentError(f"{split_file}: no {part!r} list to fit on: {exc}") from None
-    found = []
-    for name in sorted(str(n) for n in names):
-        for cls in CLASS_NAMES:
-            if (folder / cls / name).is_file():
-                found.append(folder / cls / name)
-                break
-    return found
+        return [path for path, _ in split_images(info, data, part)]
+    except ModelError as exc:
+        raise PermanentError(f"{info.path}: no {part!r} images to fit on: {exc}") from None
 
 
 def features_of(
@@ -82,7 +73,7 @@ def features_of(
 def fit_bundle_ood(
     bundle: str | Path | BundleInfo,
     *,
-    data: Path | None = None,
+    data: Path,
     max_train: int = DEFAULT_TRAIN_IMAGES,
     components: int = DEFAULT_COMPONENTS,
     max_false_refusal: float = MAX_FALSE_REFUSAL,
@@ -95,7 +86,7 @@ def fit_bundle_ood(
     if not train or not val:
         raise PermanentError(
             f"{info.path}: images of the split not found under the data folder "
-            f"({len(train)} training, {len(val)} validation); give the data folder"
+            f"({len(train)} training, {len(val)} validation) under {data}"
         )
     if len(train) > max_train:
         index = np.linspace(0, len(train) - 1, max_train).round().astype(int)
