@@ -340,7 +340,9 @@ def _export_and_check(name: str, model: Any, check: _ParityCheck) -> dict[str, A
     static = _export_one(name, lambda m, size: to_tflite_int8_static(m, calibration), model, check)
     static["quantisation"] = "static"
     static["calibration_images"] = len(calibration)
-    static["dynamic_range"] = {"parity": entry["parity"], "images_per_s": entry["images_per_s"]}
+    static["dynamic_range"] = {
+        k: entry[k] for k in ("parity", "images_per_s", "refused", "ood") if k in entry
+    }
     if static["usable"] or "parity" in static:
         return static
     entry["static"] = static.get("error", "failed")

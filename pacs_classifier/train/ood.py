@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: Training images the PCA is fitted on (spread evenly over the sorted split).
 DEFAULT_TRAIN_IMAGES = 2000
+#: Images of each split re-rendered under each trained-in acquisition shift and pooled
+#: with the clean ones (0: clean images only).
+DEFAULT_SHIFT_IMAGES = 100
 
 
 def split_files(info: BundleInfo, part: str, data: Path) -> list[Path]:
@@ -70,16 +73,58 @@ def features_of(
     return np.concatenate(parts)
 
 
+def shifted_features(
+    predictor: Predictor, files: Sequence[Path], n: int, *, seed: int = 0
+) -> npt.NDArray[np.float32]:
+    """Features of ``n`` of ``files`` under every acquisition shift training imitates.
+
+    Chest radiographs a site sends differ from the training images in exposure, noise,
+    resolution, burned-in text… (``train/stress.py``); the model was trained to handle
+    the trained-in ones, so the check must not refuse them.
+    """
+    from pacs_classifier.preprocess.tensor import unit_to_tensor
+    from pacs_classifier.train.data import Sample, load_units
+    from pacs_classifier.train.stress import SHIFTS, render
+
+    if n <= 0 or not files:
+        return np.zeros((0, 0), dtype=np.float32)
+    index = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
+    chosen = [files[i] for i in sorted(set(index.tolist()))]
+    units = load_units([Sample(p, 0, p.name) for p in chosen], progress=False)
+    size = predictor.info.image_size
+    parts = []
+    for shift in (s for s in SHIFTS if s.in_training):
+        for i in range(0, len(units), 16):
+            batch = np.stack(
+                [
+                    unit_to_tensor(render(shift, u, p.name, seed), size)
+                    for u, p in zip(units[i : i + 16], chosen[i : i + 16], strict=True)
+                ]
+            )
+            feats = predictor.infer(batch).features
+            if feats is None:
+                raise ModelError(f"{predictor.info.path}: the model has no feature layer 'pool'")
+            parts.append(feats)
+    return np.concatenate(parts)
+
+
 def fit_bundle_ood(
     bundle: str | Path | BundleInfo,
     *,
     data: Path,
     max_train: int = DEFAULT_TRAIN_IMAGES,
+    shift_images: int = DEFAULT_SHIFT_IMAGES,
     components: int = DEFAULT_COMPONENTS,
     max_false_refusal: float = MAX_FALSE_REFUSAL,
 ) -> OodModel:
     """Fit the check on the bundle's training images, threshold on its validation images,
-    and write ``ood.npz`` into the bundle folder."""
+    and write ``ood.npz`` into the bundle folder.
+
+    Both pools hold the clean images and ``shift_images`` of them re-rendered under each
+    trained-in acquisition shift, as the calibration and threshold of the classifier are
+    fitted (``--calibrate-on validation+shifts``): the check then refuses what the model
+    never learnt to read, not a noisier or brighter chest film.
+    """
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
     train = split_files(info, "train", data)
     val = split_files(info, "val", data)
@@ -96,6 +141,15 @@ def fit_bundle_ood(
     f_train = features_of(predictor, train)
     log.info("OOD check of %s: features of %d validation images", info.version, len(val))
     f_val = features_of(predictor, val)
+    if shift_images > 0:
+        log.info(
+            "OOD check of %s: %d training and %d validation images under each trained-in shift",
+            info.version,
+            min(shift_images, len(train)),
+            min(shift_images, len(val)),
+        )
+        f_train = np.concatenate([f_train, shifted_features(predictor, train, shift_images)])
+        f_val = np.concatenate([f_val, shifted_features(predictor, val, shift_images, seed=1)])
     model = fit_ood(
         f_train,
         f_val,
