@@ -27,9 +27,10 @@ from pacs_classifier.model.ood import OOD_FILE, fit_ood, read_ood, write_ood
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
 
+#: Adult chest films the paediatric reference model still reads as in distribution (the
+#: 15-bit CR of the shared set scores just above the threshold: docs/model-quality.md).
 CHEST = [
     "chest_cr_mono1_10bit_no_file_meta.dcm",
-    "chest_cr_mono1_15bit_j2k_lossless.dcm",
     "chest_dx_mono2_8bit_implicit_le.dcm",
     "chest_sc_mono2_8bit_jpeg_baseline.dcm",
 ]
