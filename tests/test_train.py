@@ -20,6 +20,7 @@ from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundl
 from pacs_classifier.model.ood import read_ood
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
 from pacs_classifier.train.model import BaseWeights, build_base
+from pacs_classifier.train.stress import SHIFTS
 from pacs_classifier.train.trainer import TrainOptions, train
 
 SIZE = 75
@@ -205,7 +206,10 @@ def test_bundle_metadata_and_plots(tiny_bundle: Path, tiny_data: Path) -> None:
     # The out-of-distribution check is fitted for every new bundle, on its own split.
     ood = read_ood(info)
     assert ood is not None and ood.bundle_sha256 == info.sha256
-    assert ood.fitted_on == len(split["train"]) and ood.validation_n == len(split["val"])
+    # Each pool: the clean images and each of them under every trained-in shift.
+    pooled = 1 + sum(s.in_training for s in SHIFTS)
+    assert ood.fitted_on == pooled * len(split["train"])
+    assert ood.validation_n == pooled * len(split["val"])
 
 
 def test_evaluate_reproduces_the_recorded_validation_metrics(
