@@ -39,6 +39,12 @@ def register(sub: Any) -> None:
         help="skip exporting to ONNX / int8 TFLite (each is kept only if it "
         "passes its parity check against Keras); Keras serves alone",
     )
+    reg.add_argument(
+        "--static-int8",
+        action="store_true",
+        help="when dynamic-range int8 fails its parity check, also try static int8 "
+        "calibrated on training images under --data (minutes; docs/benchmarks.md)",
+    )
     reg.set_defaults(func=run_register)
     lst = msub.add_parser("list", help="registered models")
     lst.set_defaults(func=run_list)
@@ -72,6 +78,7 @@ def run_register(args: argparse.Namespace) -> int:
             activate=args.activate,
             export=not args.no_export,
             data_root=data_root,
+            static_int8=args.static_int8,
         )
     finally:
         app.close()

@@ -35,6 +35,7 @@ def register_bundle(
     activate: bool = False,
     export: bool = False,
     data_root: Path | None = None,
+    static_int8: bool = False,
 ) -> Model:
     """Check ``source``, copy it to ``model_dir/<version>`` and record it.
 
@@ -60,7 +61,7 @@ def register_bundle(
             return existing
     dest = _install(info, model_dir)
     log.info("model %s copied to %s", info.version, dest)
-    runtimes = _export_runtimes(dest, data_root) if export else None
+    runtimes = _export_runtimes(dest, data_root, static_int8) if export else None
     try:
         with db.session() as session:
             row = Model(
@@ -98,12 +99,12 @@ def register_bundle(
         raise
 
 
-def _export_runtimes(dest: Path, data_root: Path | None) -> dict[str, Any]:
+def _export_runtimes(dest: Path, data_root: Path | None, static_int8: bool) -> dict[str, Any]:
     """Export the registered copy; a summary for the audit trail. Never raises."""
     from pacs_classifier.model.export import export_runtimes
 
     try:
-        record = export_runtimes(dest, data_root=data_root)
+        record = export_runtimes(dest, data_root=data_root, static_int8=static_int8)
     except Exception as exc:  # serving falls back to Keras; the failure is recorded
         log.exception("runtime export of %s failed", dest)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
