@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import getpass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.times import format_utc
 from pacs_classifier.wiring import load_app
+
+if TYPE_CHECKING:
+    from pacs_classifier.model.site import Scores
 
 ORDER = 42
 
@@ -145,7 +148,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     )
 
 
-def _sample_line(scores: Any) -> str:
+def _sample_line(scores: Scores) -> str:
     refused = sum(scores.not_assessed.values())
     why = ", ".join(f"{n} {reason}" for reason, n in scores.not_assessed.items())
     return (

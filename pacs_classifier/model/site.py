@@ -207,7 +207,7 @@ def read_instances(session: Session, path: Path, storage_root: Path) -> Sample:
         stored = Path(file_path)
         stored = stored if stored.is_absolute() else storage_root / stored
         cases.append(Case(uid, label, stored, instance_id))
-    return Sample(str(path), "instances", tuple(cases))
+    return Sample(str(path.resolve()), "instances", tuple(cases))
 
 
 def read_folder(folder: Path) -> Sample:
@@ -228,7 +228,7 @@ def read_folder(folder: Path) -> Sample:
     ]
     if not cases:
         raise SampleError(f"{folder}: no files in {NEGATIVE}/ or {POSITIVE}/")
-    return Sample(str(folder), "folder", tuple(cases))
+    return Sample(str(folder.resolve()), "folder", tuple(cases))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -279,7 +279,8 @@ def score_sample(
         try:
             batch.append(serving_tensor(case.path, size, rules=rules))
         except NotAssessable as exc:
-            log.info("sample case %s: not assessed, %s", case.ref, exc.reason)
+            # DEBUG: a labelled folder's file names are the site's, and may name patients.
+            log.debug("sample case %s: not assessed, %s", case.ref, exc.reason)
             refused[exc.reason] += 1
             continue
         except OSError as exc:
