@@ -35,6 +35,7 @@ from pacs_classifier.model.bundle import MODEL_FILES, read_bundle
 from pacs_classifier.model.registry import activate_version
 from pacs_classifier.model.runtime import Predictor, calibrate, load_predictor
 from pacs_classifier.model.site import (
+    ACCEPTANCE_FILE,
     PredictorLoader,
     SampleError,
     SampleTooSmall,
@@ -90,6 +91,10 @@ def test_assess_says_how_many_more_cases_of_each_class() -> None:
     )
     assert low_spec.negatives_needed is None
     assert "more cases will not help" in low_spec.refusal()
+    # No NORMAL case at all: refused, and told the least it takes (all correct: "at least").
+    only_pos = assess(y[:12], p[:12], 0.5, 0.97, AcceptanceConfig())
+    assert not only_pos.ok and only_pos.negatives_needed == 6
+    assert "add at least 58 PNEUMONIA and 6 NORMAL cases" in only_pos.refusal()
 
 
 @pytest.mark.parametrize(
@@ -297,6 +302,9 @@ def test_calibrate_registers_a_derived_version_that_serves_what_was_evaluated(
     assert acceptance["before"]["threshold"] == pytest.approx(source.threshold)
     assert acceptance["after"]["metrics"]["sensitivity"] == fit.after.metrics["sensitivity"]
     assert acceptance["bounds"]["method"] == "Clopper-Pearson (exact)"
+    card = (done.path / ACCEPTANCE_FILE).read_text(encoding="utf-8")
+    assert f"Derived on {acceptance['date']} from `{site.reference}`" in card
+    assert f"| {done.version} | {fit.after.threshold:.4f} |" in card
 
     # The audit trail: one model.calibrate event on the new model, chain intact.
     (event,) = _events(site.db, "model.calibrate")

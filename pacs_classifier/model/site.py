@@ -275,7 +275,9 @@ def score_sample(
             raw.append(predictor.raw_predict(np.stack(batch)))
             batch.clear()
 
-    for case in sample.cases:
+    for done, case in enumerate(sample.cases):
+        if done and done % 100 == 0:
+            log.info("sample: %d of %d cases read", done, len(sample.cases))
         try:
             batch.append(serving_tensor(case.path, size, rules=rules))
         except NotAssessable as exc:
@@ -650,6 +652,57 @@ def derived_metadata(info: BundleInfo, fit: SiteFit, when: datetime) -> dict[str
     return meta
 
 
+#: The site calibration in words, beside the (copied) model card of the model files.
+ACCEPTANCE_FILE = "SITE_ACCEPTANCE.md"
+
+
+def acceptance_text(meta: dict[str, Any]) -> str:
+    """``SITE_ACCEPTANCE.md``: what the derived version changed, for the site's physicist."""
+    site, source = meta["site_acceptance"], meta["derived_from"]
+    sample, bounds = site["sample"], site["bounds"]
+    refused = sum(sample["not_assessed"].values())
+    lines = [
+        f"# Site acceptance: model `{meta['version']}`",
+        "",
+        f"Derived on {site['date']} from `{source['version']}`: the same model files (see its",
+        "MODEL_CARD.md), with the calibration and threshold refitted on the site's labelled",
+        f"sample `{sample['source']}` (SHA-256 of its labels {sample['sha256'][:16]}…):",
+        f"{sample['assessed']} cases assessed, {sample['positives']} {POSITIVE} and "
+        f"{sample['negatives']} {NEGATIVE}, {refused} not assessed by the serving path, "
+        f"runtime {sample['runtime']}. Target sensitivity {site['target_sensitivity']}.",
+        "",
+        "| version | threshold | AUC | sensitivity | specificity | ECE | Brier |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for point in (site["before"], site["after"]):
+        m, ci = point["metrics"], point["metrics"]["ci95"]
+
+        def cell(key: str, m: dict[str, Any] = m, ci: dict[str, Any] = ci) -> str:
+            lo, hi = ci[key]
+            return f"{_md(m[key])} ({_md(lo)}–{_md(hi)})"
+
+        lines.append(
+            f"| {point['version']} | {point['threshold']:.4f} | {cell('auc')} | "
+            f"{cell('sensitivity')} | {cell('specificity')} | {_md(m['ece'])} | "
+            f"{_md(m['brier'])} |"
+        )
+    lines += [
+        "",
+        f"Intervals: 95 % bootstrap. At the new threshold the exact lower "
+        f"{bounds['confidence']:.0%} bounds are {_md(bounds['sensitivity_lower'])} for the "
+        f"sensitivity (floor {bounds['sensitivity_floor']}) and "
+        f"{_md(bounds['specificity_lower'])} for the specificity (floor "
+        f"{bounds['specificity_floor']}). The threshold was chosen on these cases: check it "
+        "on an independent sample (`model compare`) before activating it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _md(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
+
 def write_derived_bundle(info: BundleInfo, metadata: dict[str, Any], dest: Path) -> Path:
     """Copy every file of the source bundle but its metadata (the model files, and the
     exported runtimes with their record: the model files are the same, so their checks
@@ -667,6 +720,7 @@ def write_derived_bundle(info: BundleInfo, metadata: dict[str, Any], dest: Path)
             else:
                 shutil.copy2(item, tmp / item.name)
         write_bundle_metadata(tmp, metadata)
+        (tmp / ACCEPTANCE_FILE).write_text(acceptance_text(metadata), encoding="utf-8")
         read_bundle(tmp)
         os.replace(tmp, dest)
     except BaseException:
