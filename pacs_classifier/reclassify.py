@@ -6,15 +6,18 @@ through the same queue and workers as live traffic. It selects every *assessed* 
 all assessed instances with ``all_instances``; ``since``/``until`` bound ``received_at``.
 An instance that already has a queued or running job is left to that job.
 
-Predictions are appended with the run's id (never overwritten). When the run's last job
-ends, :func:`finish_runs` counts the instances done and the labels that changed against
-each instance's previous latest prediction, and closes the run.
+Predictions are appended with the run's id (never overwritten). :class:`RunLifecycle` is
+the one owner of a run after it starts: the wiring hands its :meth:`RunLifecycle.jobs_ended`
+to every job queue it builds (``JobQueue(on_ended=...)``), so whichever process ends a
+run's jobs (a ``serve`` worker, ``reclassify``'s own, a lease reclaimed after a crash)
+updates its progress; when the last one ends it counts the instances done and the labels
+that changed against each instance's previous latest prediction, and closes the run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,7 +39,7 @@ from pacs_classifier.db.models import (
 )
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.model.registry import active_model
-from pacs_classifier.queue.jobs import OPEN_STATES, enqueue
+from pacs_classifier.queue.jobs import OPEN_STATES, EndedJob, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,37 @@ def select_instances(
     if until is not None:
         query = query.where(Instance.received_at < until)
     return list(session.execute(query).scalars())
+
+
+class RunLifecycle:
+    """Progress and close the runs whose jobs end: the queue's ``on_ended`` hook."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def jobs_ended(self, jobs: Sequence[EndedJob], actor: str) -> None:
+        """Called after jobs ended: update (and maybe close) the runs they belong to."""
+        runs = {j.run_id for j in jobs if j.kind == JobKind.RECLASSIFY and j.run_id is not None}
+        finish_runs(self.db, runs, actor=actor)
+
+    def settle(self, actor: str) -> None:
+        """Close the running runs that have no open job left.
+
+        A process killed between ending a run's last job and calling the hook leaves the
+        run open; the worker role calls this once when it starts.
+        """
+        with self.db.read_session() as session:
+            stale = list(
+                session.execute(
+                    select(ReclassificationRun.id).where(
+                        ReclassificationRun.state == RunState.RUNNING,
+                        ~exists().where(
+                            Job.run_id == ReclassificationRun.id, Job.state.in_(OPEN_STATES)
+                        ),
+                    )
+                ).scalars()
+            )
+        finish_runs(self.db, stale, actor=actor)
 
 
 def finish_runs(db: Database, run_ids: Iterable[int], *, actor: str) -> None:

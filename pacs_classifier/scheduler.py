@@ -21,23 +21,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from pacs_classifier.config import SchedulerConfig
-
-if TYPE_CHECKING:
-    from pacs_classifier.wiring import App
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import (
-    ReclassificationRun,
-    RunState,
     RunTrigger,
     SchedulerLock,
     utcnow,
@@ -257,8 +251,6 @@ class NightlyScheduler:
         if not self.lock.still_held():
             log.warning("scheduler: leadership lost; standing by")
             self._step_down()
-            return
-        self._close_finished_runs()
 
     def _start_apscheduler(self) -> None:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -311,32 +303,7 @@ class NightlyScheduler:
             self._scheduler = None
         self.lock.release()
 
-    def _close_finished_runs(self) -> None:
-        """Close runs whose last jobs ended outside a worker's batch (e.g. a lost lease)."""
-        from pacs_classifier.reclassify import finish_runs
-
-        with self.db.session() as session:
-            running = list(
-                session.execute(
-                    select(ReclassificationRun.id).where(
-                        ReclassificationRun.state == RunState.RUNNING
-                    )
-                ).scalars()
-            )
-        if running:
-            finish_runs(self.db, running, actor=ACTOR)
-
 
 def _url_without_password(url: str) -> str:
     """The job's stored argument: never a secret in the database."""
     return make_url(url).set(password=None).render_as_string(hide_password=False)
-
-
-def start_role(app: App) -> Callable[[], None]:
-    """``serve --roles scheduler``: stand by for leadership and schedule while leading."""
-    if not app.config.scheduler.enabled:
-        log.info("scheduler: disabled in the configuration (scheduler.enabled = false)")
-        return lambda: None
-    scheduler = app.scheduler()
-    scheduler.start()
-    return scheduler.stop

@@ -1,33 +1,59 @@
 """The one place that builds the object graph from the configuration.
 
-Commands call :func:`load_app` and pass the parts they need onward; nothing else reaches
-for global state.
+Commands call :func:`load_app` (or build an :class:`App` from a config and use it as a
+context manager) and ask it for the parts they need: the listener with its ingestor, a
+worker with its job queue, the scheduler, the sender's results worker, the web
+application. Nothing else constructs them, and nothing below reaches for global state.
+
+The queues built here are given the reclassification runs' lifecycle hook
+(:meth:`pacs_classifier.reclassify.RunLifecycle.jobs_ended`), so a run progresses and closes
+whichever worker ends its jobs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from pacs_classifier.config import Config, load_config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.migrate import require_head
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from pacs_classifier.queue.jobs import JobQueue
     from pacs_classifier.receive.listener import Listener
+    from pacs_classifier.reclassify import RunLifecycle
+    from pacs_classifier.results.role import ResultsWorker
     from pacs_classifier.scheduler import NightlyScheduler
+    from pacs_classifier.store.ingest import Ingestor
     from pacs_classifier.store.storage import Storage
-    from pacs_classifier.worker import Worker
+    from pacs_classifier.worker import PredictorLoader, Worker
 
 
 @dataclass
 class App:
     config: Config
-    #: The listener this process runs (``serve`` sets it), for the web role's health check.
+    #: The listener this process runs (``serve`` in one process sets it), for the web
+    #: role's health check.
     running_listener: Listener | None = None
+    _schema_checked: bool = field(default=False, init=False, repr=False)
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @cached_property
     def db(self) -> Database:
@@ -37,6 +63,8 @@ class App:
 
     def checked_db(self) -> Database:
         """The database, after checking its schema is at head (``serve`` and friends)."""
+        if self._schema_checked:
+            return self.db
         from sqlalchemy.exc import OperationalError
 
         from pacs_classifier.config import sqlite_path
@@ -54,6 +82,7 @@ class App:
             require_head(self.db.engine)
         except OperationalError as exc:
             raise unavailable(exc) from exc
+        self._schema_checked = True
         return self.db
 
     @cached_property
@@ -63,31 +92,81 @@ class App:
 
         return Storage(self.config.storage_root, self.config.storage.min_free_mb)
 
+    @cached_property
+    def runs(self) -> RunLifecycle:
+        """The owner of reclassification runs' progress (the queues' ``on_ended`` hook)."""
+        from pacs_classifier.reclassify import RunLifecycle
+
+        return RunLifecycle(self.checked_db())
+
+    def ingestor(self) -> Ingestor:
+        """Stores received files and queues their jobs (the listener, ``classify --record``)."""
+        from pacs_classifier.store.ingest import Ingestor
+
+        return Ingestor(self.checked_db(), self.storage)
+
+    def job_queue(self) -> JobQueue:
+        """A queue for one worker: this host's worker locks, the runs' lifecycle hook."""
+        from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
+        from pacs_classifier.queue.liveness import WORKERS_DIR_NAME, WorkerLocks
+
+        return JobQueue(
+            self.checked_db(),
+            QueuePolicy.from_config(self.config.worker),
+            locks=WorkerLocks(self.config.storage_root / WORKERS_DIR_NAME),
+            on_ended=self.runs.jobs_ended,
+        )
+
     def listener(self) -> Listener:
         """The DICOM listener on a schema-checked database (``serve --roles listener``)."""
         from pacs_classifier.receive.listener import Listener, build_ssl_context
-        from pacs_classifier.store.ingest import Ingestor
 
-        db = self.checked_db()
         return Listener(
             self.config.listener,
-            db,
+            self.checked_db(),
             self.storage,
-            Ingestor(db, self.storage),
+            self.ingestor(),
             ssl_context=build_ssl_context(self.config),
         )
 
-    def worker(self) -> Worker:
-        """A classification worker on a schema-checked database (``--roles worker``)."""
+    def worker(
+        self,
+        *,
+        run_id: int | None = None,
+        job_ids: list[int] | None = None,
+        loader: PredictorLoader | None = None,
+    ) -> Worker:
+        """A classification worker (``--roles worker``); ``run_id`` narrows it to one
+        reclassification run, ``job_ids`` to given jobs (``classify --record``)."""
         from pacs_classifier.worker import Worker
 
-        return Worker(self.checked_db(), self.config)
+        extra: dict[str, Any] = {} if loader is None else {"loader": loader}
+        return Worker(
+            self.checked_db(),
+            self.config,
+            self.job_queue(),
+            run_id=run_id,
+            job_ids=job_ids,
+            **extra,
+        )
 
     def scheduler(self) -> NightlyScheduler:
         """The nightly reclassification scheduler (``--roles scheduler``)."""
         from pacs_classifier.scheduler import NightlyScheduler
 
         return NightlyScheduler(self.checked_db(), self.config.scheduler)
+
+    def results_worker(self) -> ResultsWorker:
+        """Renders and sends result objects (``--roles sender``, ``demo``)."""
+        from pacs_classifier.results.role import ResultsWorker
+
+        return ResultsWorker(self.checked_db(), self.config)
+
+    def web_app(self) -> FastAPI:
+        """The FastAPI application of the web role (``--roles web``)."""
+        from pacs_classifier.web.app import create_app
+
+        return create_app(self.config, self.checked_db(), local_listener=self.running_listener)
 
     def close(self) -> None:
         if "db" in self.__dict__:

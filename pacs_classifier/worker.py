@@ -26,24 +26,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.config import Config
-
-if TYPE_CHECKING:
-    from pacs_classifier.wiring import App
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import JobKind, JobState
+from pacs_classifier.db.models import JobState
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
 from pacs_classifier.model.registry import active_model
 from pacs_classifier.model.runtime import Predictor, load_predictor
-from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, QueuePolicy
-from pacs_classifier.queue.liveness import WORKERS_DIR_NAME, WorkerLocks
+from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, ended_job
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
 from pacs_classifier.results.outbound import plan_results
 
@@ -77,29 +73,27 @@ class WorkerStats:
     failed: int = 0
     batches: int = 0
     infer_seconds: float = 0.0
-    run_ids: set[int] = field(default_factory=set)
 
 
 class Worker:
-    """One worker: a preparer thread and an inferer loop sharing a bounded hand-over."""
+    """One worker: a preparer thread and an inferer loop sharing a bounded hand-over.
+
+    Built by :meth:`pacs_classifier.wiring.App.worker`, which gives it its job queue.
+    """
 
     def __init__(
         self,
         db: Database,
         config: Config,
+        jobs: JobQueue,
         *,
-        jobs: JobQueue | None = None,
         run_id: int | None = None,
         job_ids: list[int] | None = None,
         loader: PredictorLoader = _default_loader,
     ) -> None:
         self.db = db
         self.config = config
-        self.jobs = jobs or JobQueue(
-            db,
-            QueuePolicy.from_config(config.worker),
-            locks=WorkerLocks(config.storage_root / WORKERS_DIR_NAME),
-        )
+        self.jobs = jobs
         #: When set, only this reclassification run's jobs are claimed (``reclassify``).
         self.run_id = run_id
         #: When set, only these jobs are claimed (``classify --record``).
@@ -261,7 +255,6 @@ class Worker:
             log.info("job %d (instance %d): not assessed, %s", job.id, job.instance_id, reason)
         self.stats.not_assessed += len(not_assessed)
         self._count_failures(self.jobs.fail(failures))
-        self._finish_runs([j for j, _ in not_assessed] + [j for j, _, _ in failures])
         size = model.image_size
         array = (
             np.stack(tensors).astype(np.float32, copy=False)
@@ -296,7 +289,6 @@ class Worker:
             # A model that will not load or run is not the images' fault: retry them.
             log.error("model %s failed on a batch: %s", batch.model.version, exc)
             self._count_failures(self.jobs.fail([(j, _reason(exc), True) for j in batch.jobs]))
-            self._finish_runs(batch.jobs)
             return
         self.record(batch, probs)
 
@@ -304,6 +296,7 @@ class Worker:
         """Predictions, job states and audit events of one batch, in one transaction."""
         model = batch.model
         results: list[tuple[ClaimedJob, str, float]] = []
+        held: list[ClaimedJob] = []
         with self.db.session() as session:
             for job, p in zip(batch.jobs, probs, strict=True):
                 probability = float(p)
@@ -327,7 +320,7 @@ class Worker:
                         label=label,
                         actor=self.jobs.actor,
                     )
-                self.jobs.mark_done(
+                if self.jobs.mark_done(
                     session,
                     job,
                     {
@@ -339,7 +332,8 @@ class Worker:
                         "threshold": model.threshold,
                         "run_id": job.run_id,
                     },
-                )
+                ):
+                    held.append(job)
         # Identifiers only: a log line must not carry a patient's name or ID (STYLE.md).
         for job, label, probability in results:
             log.info(
@@ -353,16 +347,7 @@ class Worker:
             )
         self.stats.done += len(batch.jobs)
         self.stats.batches += 1
-        self._finish_runs(batch.jobs)
-
-    def _finish_runs(self, ended: list[ClaimedJob]) -> None:
-        """Progress, and close, the reclassification runs these jobs belong to."""
-        runs = {j.run_id for j in ended if j.kind == JobKind.RECLASSIFY and j.run_id}
-        if runs:
-            from pacs_classifier.reclassify import finish_runs
-
-            self.stats.run_ids |= runs
-            finish_runs(self.db, runs, actor=self.jobs.actor)
+        self.jobs.ended([ended_job(j, JobState.DONE) for j in held])
 
     def _predictor_for(self, model: ModelRef, path: str) -> Predictor:
         if self._predictor is None or self._predictor_model_id != model.id:
@@ -408,21 +393,3 @@ class Worker:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def start_role(app: App) -> Callable[[], None]:
-    """``serve --roles worker``: run a worker in a thread; return how to stop it.
-
-    Stopping stops claiming, finishes the batches already prepared, releases the rest and
-    waits for the thread.
-    """
-    worker = app.worker()
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
-    thread.start()
-
-    def halt() -> None:
-        stop.set()
-        thread.join()
-
-    return halt

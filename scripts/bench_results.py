@@ -51,6 +51,7 @@ from pacs_classifier.db.models import (
 )
 from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
 from pacs_classifier.results.role import ResultsWorker
+from pacs_classifier.wiring import App
 from pacs_classifier.worker import Worker
 
 log = logging.getLogger("bench_results")
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             work, scp_port, sr=True, overlay="positives", max_defer_s=args.max_defer_s
         ),
     }
-    worker = Worker(db, off)
+    app = App(off)
+    worker = app.worker()
     # Warm-up: the model loads on the first batch; not measured.
     classify(db, off, generate_chest_files(work / "warm", 4, size, seed=99), worker)
     rates: dict[str, list[float]] = {name: [] for name in phases}
@@ -195,6 +197,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     classify(db, every, d, worker)
     render_ms, send_ms = per_object_costs(db, ResultsWorker(db, every))
     scp.shutdown()
+    app.close()
     db.dispose()
     base = statistics.median(rates["A"])
     print(f"machine: {machine()}; {load_average()}")

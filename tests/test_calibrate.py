@@ -49,7 +49,7 @@ from pacs_classifier.model.site import (
 from pacs_classifier.receive.inspect import inspect_received
 from pacs_classifier.store.ingest import Ingestor
 from pacs_classifier.store.storage import Storage
-from pacs_classifier.worker import Worker
+from pacs_classifier.wiring import App
 
 PER_CLASS = 10
 LEG = "leg_cr_mono1_10bit_j2k_lossless.dcm"
@@ -295,22 +295,23 @@ def test_calibrate_registers_a_derived_version_that_serves_what_was_evaluated(
         assert (done.path / name).read_bytes() == (source.path / name).read_bytes()
     assert new.calibration == pytest.approx((fit.after.temperature, fit.after.bias))
     meta = new.metadata
-    assert meta["derived_from"]["version"] == site.reference
-    acceptance = meta["site_acceptance"]
-    assert acceptance["sample"]["positives"] == acceptance["sample"]["negatives"] == PER_CLASS
-    assert acceptance["sample"]["not_assessed"] == {"body_part": 1}
-    assert acceptance["before"]["threshold"] == pytest.approx(source.threshold)
-    assert acceptance["after"]["metrics"]["sensitivity"] == fit.after.metrics["sensitivity"]
-    assert acceptance["bounds"]["method"] == "Clopper-Pearson (exact)"
+    assert meta.derived_from is not None and meta.derived_from.version == site.reference
+    acceptance = meta.site_acceptance
+    assert acceptance is not None
+    assert acceptance.sample.positives == acceptance.sample.negatives == PER_CLASS
+    assert acceptance.sample.not_assessed == {"body_part": 1}
+    assert acceptance.before.threshold == pytest.approx(source.threshold)
+    assert acceptance.after.metrics.sensitivity == fit.after.metrics["sensitivity"]
+    assert acceptance.bounds.method == "Clopper-Pearson (exact)"
     card = (done.path / ACCEPTANCE_FILE).read_text(encoding="utf-8")
-    assert f"Derived on {acceptance['date']} from `{site.reference}`" in card
+    assert f"from `{site.reference}`: the same model files" in card
     assert f"| {done.version} | {fit.after.threshold:.4f} |" in card
 
     # The audit trail: one model.calibrate event on the new model, chain intact.
     (event,) = _events(site.db, "model.calibrate")
     assert event.outcome == "ok" and event.actor == "cli:physicist"
     assert event.detail["derived_from"] == site.reference
-    assert event.detail["sample"]["sha256"] == acceptance["sample"]["sha256"]
+    assert event.detail["sample"]["sha256"] == acceptance.sample.sha256
     with site.db.session() as s:
         assert event.entity_id == str(rows[done.version].id)
         assert verify_chain(s).ok
@@ -325,9 +326,11 @@ def test_calibrate_registers_a_derived_version_that_serves_what_was_evaluated(
 
     # Activated, the worker's probabilities are the evaluated ones.
     activate_version(site.db, done.version, actor="cli:physicist")
-    Worker(site.db, site.config, loader=loader).drain(
-        until=lambda: all_jobs_ended(site.db), timeout_s=120
-    )
+    app = App(site.config)
+    try:
+        app.worker(loader=loader).drain(until=lambda: all_jobs_ended(site.db), timeout_s=120)
+    finally:
+        app.close()
     p_after = calibrate(scores.raw, fit.after.temperature, fit.after.bias)
     with site.db.session() as s:
         served = s.execute(

@@ -25,7 +25,7 @@ from test_listener import (
     small_instance,
 )
 
-from pacs_classifier.commands import serve
+from pacs_classifier.commands import _roles, serve
 from pacs_classifier.config import load_config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Instance
@@ -153,7 +153,7 @@ def test_serve_refuses_an_unknown_role(tmp_path: Path, sqlite_url: str) -> None:
 
 
 def test_a_role_not_built_yet_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "ROLES", {"listener": serve.start_listener})
+    monkeypatch.setattr(serve, "ROLES", {"listener": _roles.start_listener})
     with pytest.raises(serve.RoleError, match="'worker' is not available"):
         serve.parse_roles("listener,worker")
     assert serve.parse_roles(" listener,listener ") == ["listener"]

@@ -32,9 +32,7 @@ from pacs_classifier.db import migrate
 from pacs_classifier.db.models import AuditEvent, Job, JobState, ResultKind, ResultObject, SendJob
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
-from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.wiring import App
-from pacs_classifier.worker import Worker
 
 pytestmark = [pytest.mark.slow]
 
@@ -180,8 +178,8 @@ def test_orthanc_sends_a_radiograph_and_gets_our_sr_and_overlay(
     try:
         source = orthanc.post("/instances", (dicom_dir / CHEST).read_bytes())
         orthanc.post("/modalities/ours/store", source["ID"].encode())
-        Worker(db, config).drain(until=lambda: all_jobs_ended(db), timeout_s=120)
-        ResultsWorker(db, config).drain(timeout_s=120)
+        app.worker().drain(until=lambda: all_jobs_ended(db), timeout_s=120)
+        app.results_worker().drain(timeout_s=120)
         with db.session() as s:
             objects = {o.kind: o for o in s.execute(select(ResultObject)).scalars()}
             sends = s.execute(select(SendJob.state)).scalars().all()
@@ -228,8 +226,8 @@ def test_sends_wait_for_a_stopped_pacs_and_arrive_exactly_once(
     db = app.db
     register_bundle(db, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
     add_instances(db, [dicom_dir / CHEST])
-    Worker(db, config).drain(until=lambda: all_jobs_ended(db), timeout_s=120)
-    results = ResultsWorker(db, config)
+    app.worker().drain(until=lambda: all_jobs_ended(db), timeout_s=120)
+    results = app.results_worker()
     while results.render_once():
         pass
     before = len(orthanc.new_instance_changes())

@@ -9,8 +9,8 @@ import pytest
 from pipeline_support import (
     Bundles,
     add_instances,
-    all_jobs_ended,
     cli,
+    drain_jobs,
     make_config,
     write_config_file,
 )
@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import (
+    AuditEvent,
     Instance,
     Label,
     Model,
@@ -30,7 +31,6 @@ from pacs_classifier.errors import PermanentError
 from pacs_classifier.model.registry import activate_version, register_bundle
 from pacs_classifier.reclassify import select_instances, start_run
 from pacs_classifier.record.predictions import ModelRef, record_prediction
-from pacs_classifier.worker import Worker
 
 CHEST = "chest_cr_mono1_10bit_no_file_meta.dcm"
 
@@ -87,7 +87,7 @@ def test_reclassify_command_moves_every_instance_and_counts_changes(
         register_bundle(db, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
         register_bundle(db, tiny_bundles.v2, config.model_dir, actor="test")
         ids = add_instances(db, [dicom_dir / CHEST] * 4)
-        Worker(db, config).drain(until=lambda: all_jobs_ended(db), timeout_s=120)
+        drain_jobs(config)
         activate_version(db, "tiny-v2", actor="test")
     finally:
         db.dispose()
@@ -117,3 +117,75 @@ def test_reclassify_command_moves_every_instance_and_counts_changes(
     assert [r.trigger for r in runs] == [RunTrigger.CLI, RunTrigger.CLI]
     assert {r[3] for r in rows[4:]} == {runs[0].id}
     assert (runs[0].labels_changed, runs[0].state) == (4, RunState.DONE)
+
+
+def _run_state(db: Database, run_id: int) -> tuple[RunState, int]:
+    with db.session() as s:
+        run = s.get(ReclassificationRun, run_id, populate_existing=True)
+        assert run is not None
+        return run.state, run.instances_done
+
+
+def test_a_run_closes_whichever_way_its_last_job_ends(
+    database: Database, tmp_path: Path, tiny_bundles: Bundles
+) -> None:
+    """The queues the wiring builds close a run when its last job ends: by an outcome, or
+    by a lease reclaimed from a dead worker; a run left open by a crash is settled."""
+    import socket
+    import subprocess
+    import sys
+
+    from pacs_classifier.queue.jobs import JobQueue, QueuePolicy
+    from pacs_classifier.wiring import App
+
+    config = make_config(tmp_path, database.url, worker={"max_attempts": 1})
+    v1 = register_bundle(database, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
+    register_bundle(database, tiny_bundles.v2, config.model_dir, actor="test")
+    f = tmp_path / "x.dcm"
+    f.write_bytes(b"x")
+    instances = add_instances(database, [f] * 3, with_jobs=False)
+    with database.session() as s:
+        for i in instances:
+            record_prediction(s, instance_id=i, model=_ref(v1), probability=0.4)
+    activate_version(database, "tiny-v2", actor="test")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_worker = f"{socket.gethostname()}:{int(gone.stdout)}"
+
+    with App(config) as app:
+        # An outcome: the queue's hook closes the run, no one polls.
+        run = start_run(database, trigger=RunTrigger.CLI, actor="test")
+        queue = app.job_queue()
+        claimed = queue.claim(10, run_id=run)
+        assert len(claimed) == 3
+        queue.fail([(j, "PermanentError: test", False) for j in claimed[:2]])
+        assert _run_state(database, run)[0] == RunState.RUNNING
+        queue.fail([(claimed[2], "PermanentError: test", False)])
+        assert _run_state(database, run)[0] == RunState.DONE
+
+        # A dead worker's lease, out of attempts: reclaiming ends the job and the run.
+        lost = start_run(database, trigger=RunTrigger.CLI, actor="test")
+        dead = JobQueue(database, QueuePolicy(max_attempts=1), worker_id=dead_worker)
+        assert len(dead.claim(10, run_id=lost)) == 3
+        assert app.job_queue().reclaim_dead_local() == 3
+        assert _run_state(database, lost)[0] == RunState.DONE
+
+        # Jobs ended by a queue without the hook (a process gone before calling it).
+        stale = start_run(database, trigger=RunTrigger.CLI, actor="test")
+        unhooked = JobQueue(database, QueuePolicy())
+        unhooked.fail([(j, "PermanentError: test", False) for j in unhooked.claim(10)])
+        assert _run_state(database, stale)[0] == RunState.RUNNING
+        app.runs.settle("test")
+        assert _run_state(database, stale)[0] == RunState.DONE
+    with database.session() as s:
+        closed = s.execute(
+            select(AuditEvent.entity_id, AuditEvent.actor).where(
+                AuditEvent.action == "reclassify.finish"
+            )
+        ).all()
+    closers = {int(str(e)): actor.split(":")[0] for e, actor in closed}
+    assert closers == {run: "worker", lost: "worker", stale: "test"}

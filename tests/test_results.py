@@ -17,8 +17,8 @@ from conftest import missing
 from pipeline_support import (
     Bundles,
     add_instances,
-    all_jobs_ended,
     cli,
+    drain_jobs,
     free_port,
     make_config,
 )
@@ -44,7 +44,6 @@ from pacs_classifier.report import queries
 from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results
 from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.results.sr import ObjectUids, Predecessor, SrContent, build_sr
-from pacs_classifier.worker import Worker
 
 CHEST = "chest_cr_mono1_15bit_explicit_le.dcm"
 
@@ -112,7 +111,7 @@ def test_prediction_to_sr_and_overlay_then_an_unreachable_destination_fails(
     try:
         register_bundle(db, tiny_bundles.v2, config.model_dir, actor="test", activate=True)
         (instance_id,) = add_instances(db, [dicom_dir / CHEST])
-        Worker(db, config).drain(until=lambda: all_jobs_ended(db), timeout_s=120)
+        drain_jobs(config)
         results = ResultsWorker(db, config)
         results.drain(timeout_s=120)
         with db.session() as s:

@@ -7,15 +7,23 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pipeline_support import Bundles, add_instances, all_jobs_ended, make_config, wait_for
+from pipeline_support import (
+    Bundles,
+    add_instances,
+    all_jobs_ended,
+    drain_jobs,
+    make_config,
+    wait_for,
+)
 from sqlalchemy import select
 
 from pacs_classifier.config import Config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import Model, Prediction, ReclassificationRun, RunState, RunTrigger
 from pacs_classifier.model.registry import activate_version, register_bundle
+from pacs_classifier.reclassify import run_finished
 from pacs_classifier.scheduler import NightlyScheduler, build_trigger
-from pacs_classifier.worker import Worker
+from pacs_classifier.wiring import App
 
 CHEST = "chest_cr_mono1_10bit_no_file_meta.dcm"
 
@@ -50,8 +58,7 @@ def test_nightly_run_happens_once_with_one_leader(
     register_bundle(database, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
     register_bundle(database, tiny_bundles.v2, config.model_dir, actor="test")
     instances = add_instances(database, [dicom_dir / CHEST] * 3)
-    worker = Worker(database, config)
-    worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
+    drain_jobs(config)
     activate_version(database, "tiny-v2", actor="test")
 
     cron, at = _cron_in(3)
@@ -73,7 +80,12 @@ def test_nightly_run_happens_once_with_one_leader(
     (run,) = _runs(database)
     assert run.trigger == RunTrigger.SCHEDULE
     assert run.started_at >= at - timedelta(seconds=1)
-    worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
+    # The wiring's worker closes the run when its last job ends: nothing polls for it.
+    with App(config) as app:
+        app.worker().drain(
+            until=lambda: run_finished(database, run.id) and all_jobs_ended(database),
+            timeout_s=120,
+        )
     with database.session() as s:
         v2 = s.execute(select(Model).where(Model.version == "tiny-v2")).scalar_one()
         appended = list(s.execute(select(Prediction).where(Prediction.run_id == run.id)).scalars())

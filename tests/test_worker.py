@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline_support import Bundles, add_instances, all_jobs_ended, make_config
+from pipeline_support import Bundles, add_instances, all_jobs_ended, drain_jobs, make_config
 from sqlalchemy import func, select
 
 from pacs_classifier.db.engine import Database
@@ -12,7 +12,7 @@ from pacs_classifier.db.models import AuditEvent, Job, JobState, Label, Model, P
 from pacs_classifier.model.registry import activate_version, register_bundle
 from pacs_classifier.model.runtime import Predictor, load_predictor
 from pacs_classifier.preprocess import reasons
-from pacs_classifier.worker import Worker
+from pacs_classifier.wiring import App
 
 CHEST = sorted(
     [
@@ -50,8 +50,7 @@ def test_worker_classifies_chests_and_marks_the_rest_not_assessed(
     chest = add_instances(database, [dicom_dir / n for n in CHEST])
     other = add_instances(database, [dicom_dir / n for n in OTHER])
     loader = CountingLoader()
-    worker = Worker(database, config, loader=loader)
-    worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
+    drain_jobs(config, loader=loader)
 
     jobs = _jobs_by_instance(database)
     assert {jobs[i].state for i in chest} == {JobState.DONE}
@@ -87,12 +86,13 @@ def test_activating_another_model_makes_the_next_jobs_use_it(
     register_bundle(database, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
     register_bundle(database, tiny_bundles.v2, config.model_dir, actor="test")
     loader = CountingLoader()
-    worker = Worker(database, config, loader=loader)
-    first = add_instances(database, [dicom_dir / CHEST[0]] * 3)
-    worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
-    activate_version(database, "tiny-v2", actor="test")
-    second = add_instances(database, [dicom_dir / CHEST[0]] * 3)
-    worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
+    with App(config) as app:
+        worker = app.worker(loader=loader)
+        first = add_instances(database, [dicom_dir / CHEST[0]] * 3)
+        worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
+        activate_version(database, "tiny-v2", actor="test")
+        second = add_instances(database, [dicom_dir / CHEST[0]] * 3)
+        worker.drain(until=lambda: all_jobs_ended(database), timeout_s=120)
 
     with database.session() as s:
         rows = s.execute(
@@ -116,7 +116,7 @@ def test_unreadable_file_is_retried_then_failed(
     gone.write_bytes((dicom_dir / CHEST[0]).read_bytes())
     (instance_id,) = add_instances(database, [gone])
     gone.unlink()  # the stored file vanished: an OSError, worth retrying
-    Worker(database, config).drain(until=lambda: all_jobs_ended(database), timeout_s=60)
+    drain_jobs(config, timeout_s=60)
     job = _jobs_by_instance(database)[instance_id]
     assert (job.state, job.attempts) == (JobState.FAILED, 2)
     assert job.reason is not None and job.reason.startswith("FileNotFoundError")
@@ -140,7 +140,8 @@ def test_no_active_model_leaves_jobs_queued(
     config = make_config(tmp_path, database.url)
     add_instances(database, [dicom_dir / CHEST[0]] * 4)
     loader = CountingLoader()
-    Worker(database, config, loader=loader).drain(until=lambda: False, timeout_s=0.5)
+    with App(config) as app:
+        app.worker(loader=loader).drain(until=lambda: False, timeout_s=0.5)
     with database.session() as s:
         states = set(s.execute(select(Job.state)).scalars())
     assert states == {JobState.QUEUED}

@@ -51,11 +51,8 @@ def run_classify(args: argparse.Namespace) -> int:
         raise PermanentError(f"not a file: {missing[0]}")
     if args.record and args.model:
         raise PermanentError("--record classifies with the active model; drop --model")
-    app = load_app(args)
-    try:
+    with load_app(args) as app:
         rows = record(app, args.paths) if args.record else classify_now(app, args.paths, args.model)
-    finally:
-        app.close()
     result = Result(
         ["file", "label", "probability", "reason"],
         [
@@ -104,13 +101,11 @@ def record(app: App, paths: list[Path]) -> list[Row]:
 
     from pacs_classifier.db.models import Job, Prediction
     from pacs_classifier.queue.jobs import OPEN_STATES
-    from pacs_classifier.store.ingest import Ingestor
-    from pacs_classifier.worker import Worker
 
     db = app.checked_db()
     storage = app.storage
     storage.ensure_dirs()  # never sweep: a listener may be receiving into the same root
-    ingestor = Ingestor(db, storage)
+    ingestor = app.ingestor()
     actor = f"cli:{getpass.getuser()}"
     stored: dict[str, int | None] = {}
     for path in paths:
@@ -125,7 +120,7 @@ def record(app: App, paths: list[Path]) -> list[Row]:
                 states = session.execute(select(Job.state).where(Job.id.in_(job_ids))).scalars()
                 return all(s not in OPEN_STATES for s in states)
 
-        Worker(db, app.config, job_ids=job_ids).drain(until=ended)
+        app.worker(job_ids=job_ids).drain(until=ended)
     rows: list[Row] = []
     with db.session() as session:
         for file, job_id in stored.items():

@@ -179,8 +179,7 @@ class Demo:
         started = time.monotonic()
         _say(f"database: {self.config.database_url}")
         migrate.upgrade(self.config.database_url)
-        app = App(self.config)
-        try:
+        with App(self.config) as app:
             bundle = self.train()
             active = self.register(app, bundle)
             files = self.make_dicoms()
@@ -193,8 +192,6 @@ class Demo:
             self.print_reports(app)
             self.send_results(app)
             _say(f"demo finished in {time.monotonic() - started:.0f} s (active model {active})")
-        finally:
-            app.close()
 
     # ------------------------------------------------------------------ steps
 
@@ -225,10 +222,11 @@ class Demo:
                 progress=False,
             )
         )
-        final = result.metrics.get("final", {})
+        final = result.final
+        auc = final.auc if final.auc is not None else float("nan")
         print(
             f"trained {result.version} in {time.monotonic() - t0:.0f} s -> {result.out}\n"
-            f"validation AUC {final.get('auc', float('nan')):.2f} on {final.get('n', '?')} "
+            f"validation AUC {auc:.2f} on {final.n if final.n is not None else '?'} "
             "held-out images (a handful: this shows the path, it measures nothing)"
         )
         return result.out
@@ -265,17 +263,16 @@ class Demo:
         return files
 
     def start_daemon(self, app: Any) -> Any:
-        from pacs_classifier.worker import start_role
+        from pacs_classifier.commands._roles import start_listener, start_worker
 
-        listener = app.listener()
-        listener.start()
-        stop_worker = start_role(app)
-        host, port = listener.address
+        stop_listener = start_listener(app)
+        stop_worker = start_worker(app)
+        host, port = app.running_listener.address
         _say(f"daemon listening as {self.config.listener.ae_title} on {host}:{port}")
 
         def stop() -> None:
             stop_worker()
-            listener.stop()
+            stop_listener()
 
         return stop
 
@@ -380,7 +377,6 @@ class Demo:
 
         from pacs_classifier.db.models import Instance, ResultObject, SendJob
         from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
-        from pacs_classifier.results.role import ResultsWorker
 
         inbox = self.opts.workdir / "pacs"
         inbox.mkdir(exist_ok=True)
@@ -405,7 +401,7 @@ class Demo:
             f"results back to the PACS: SRs and overlays to {DEMO_PACS}@127.0.0.1:{self.pacs_port}"
         )
         try:
-            ResultsWorker(app.db, self.config).drain(timeout_s=600)
+            app.results_worker().drain(timeout_s=600)
         finally:
             server.shutdown()
         with app.db.session() as session:

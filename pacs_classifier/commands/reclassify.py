@@ -33,14 +33,12 @@ def register(sub: Any) -> None:
 
 
 def run_reclassify(args: argparse.Namespace) -> int:
-    from pacs_classifier.reclassify import finish_runs, run_finished, run_summary, start_run
-    from pacs_classifier.worker import Worker
+    from pacs_classifier.reclassify import run_finished, run_summary, start_run
 
     if args.since and args.until and args.since >= args.until:
         raise PermanentError("--since must be before --until")
-    app = load_app(args)
     actor = f"cli:{getpass.getuser()}"
-    try:
+    with load_app(args) as app:
         db = app.checked_db()
         run_id = start_run(
             db,
@@ -50,17 +48,11 @@ def run_reclassify(args: argparse.Namespace) -> int:
             until=args.until,
             all_instances=args.all,
         )
-
-        def finished() -> bool:
-            finish_runs(db, [run_id], actor=actor)
-            return run_finished(db, run_id)
-
+        # Whichever worker ends the run's last job closes the run (the queue's hook).
         if not run_finished(db, run_id):
-            Worker(db, app.config, run_id=run_id).drain(until=finished)
+            app.worker(run_id=run_id).drain(until=lambda: run_finished(db, run_id))
         with db.read_session() as session:
             s = run_summary(session, run_id)
-    finally:
-        app.close()
     print(
         f"run {s.id} ({s.trigger}, model {s.model_version}): {s.state}, "
         f"{s.instances_done}/{s.instances_total} instance(s) reclassified, "

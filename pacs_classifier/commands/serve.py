@@ -1,7 +1,7 @@
 """``serve [--roles listener,worker,scheduler,sender,web]``: run the daemon.
 
-Each role is a function that starts it from the :class:`~pacs_classifier.wiring.App` and
-returns the function that stops it; adding a role is one entry in :data:`ROLES`. The
+Each role is a function in :mod:`pacs_classifier.commands._roles` that starts it from the
+:class:`~pacs_classifier.wiring.App` and returns the function that stops it. The
 schema is checked before any role starts (an old one names ``db upgrade``). SIGTERM and
 SIGINT stop the roles in reverse order, each finishing or releasing its in-flight work,
 and the command exits 0.
@@ -13,73 +13,21 @@ import argparse
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from pacs_classifier.commands._roles import KNOWN_ROLES, ROLES, StopRole
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.wiring import App, load_app
+from pacs_classifier.wiring import load_app
 
 ORDER = 20
 
 log = logging.getLogger(__name__)
 
-#: A started role's way to stop: finish or release in-flight work, then return.
-StopRole = Callable[[], None]
-StartRole = Callable[[App], StopRole]
-
-#: The roles SPEC §2 names; :data:`ROLES` holds the ones this version can run.
-KNOWN_ROLES = ("listener", "worker", "scheduler", "sender", "web")
-
 
 class RoleError(PermanentError):
     """``--roles`` names a role that does not exist or is not available."""
 
-
-def start_listener(app: App) -> StopRole:
-    """The DICOM listener (SPEC §4)."""
-    listener = app.listener()
-    listener.start()
-    app.running_listener = listener
-    return listener.stop
-
-
-def start_worker(app: App) -> StopRole:
-    """The classification worker (claims jobs, infers, records)."""
-    from pacs_classifier.worker import start_role
-
-    return start_role(app)
-
-
-def start_scheduler(app: App) -> StopRole:
-    """The nightly reclassification scheduler (one leader across processes)."""
-    from pacs_classifier.scheduler import start_role
-
-    return start_role(app)
-
-
-def start_sender(app: App) -> StopRole:
-    """Render result objects (SR, overlay) and send them to the destinations (SPEC §11)."""
-    from pacs_classifier.results.role import start_role
-
-    return start_role(app)
-
-
-def start_web(app: App) -> StopRole:
-    """Health, /metrics, the JSON API and the dashboard (SPEC §12)."""
-    from pacs_classifier.web.server import start_role
-
-    return start_role(app)
-
-
-#: Role name → start function. A new role is one line here.
-ROLES: dict[str, StartRole] = {
-    "listener": start_listener,
-    "worker": start_worker,
-    "scheduler": start_scheduler,
-    "sender": start_sender,
-    "web": start_web,
-}
 
 #: SPEC §2: every available role by default, in start order.
 DEFAULT_ROLES: tuple[str, ...] = tuple(r for r in KNOWN_ROLES if r in ROLES)
@@ -116,7 +64,6 @@ def parse_roles(text: str) -> list[str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     roles = parse_roles(args.roles)
-    app = load_app(args)
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -126,18 +73,20 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     stops: list[StopRole] = []
     try:
-        app.checked_db()
-        for role in roles:
-            stops.append(ROLES[role](app))
-        log.info("serving roles: %s", ", ".join(roles))
-        # A timed wait keeps the main thread responsive to signals.
-        while not stop_requested.wait(0.5):
-            pass
+        with load_app(args) as app:
+            app.checked_db()
+            try:
+                for role in roles:
+                    stops.append(ROLES[role](app))
+                log.info("serving roles: %s", ", ".join(roles))
+                # A timed wait keeps the main thread responsive to signals.
+                while not stop_requested.wait(0.5):
+                    pass
+            finally:
+                for stop in reversed(stops):
+                    stop()
     finally:
-        for stop in reversed(stops):
-            stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        app.close()
     log.info("stopped")
     return 0

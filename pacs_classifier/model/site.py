@@ -26,7 +26,6 @@ operating point.
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import logging
@@ -36,7 +35,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,17 @@ from pacs_classifier.errors import ModelError, NotAssessable, PermanentError
 from pacs_classifier.model import metrics as mt
 from pacs_classifier.model.bundle import CLASS_NAMES, METADATA_FILE, BundleInfo, read_bundle
 from pacs_classifier.model.bundle import write_metadata as write_bundle_metadata
+from pacs_classifier.model.metadata import (
+    AcceptanceBounds,
+    BundleMetadata,
+    Calibration,
+    DerivedFrom,
+    SiteAcceptance,
+    SitePoint,
+    SiteSample,
+    Threshold,
+    ValidationMetrics,
+)
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.model.runtime import (
     Predictor,
@@ -475,8 +485,8 @@ def target_sensitivity(info: BundleInfo, acceptance: AcceptanceConfig) -> float:
     """The configured target, else the bundle's own; it must lie above the floor."""
     target = acceptance.target_sensitivity
     if not target:
-        recorded = info.metadata.get("threshold", {}).get("target_sensitivity")
-        if not isinstance(recorded, int | float) or not 0 < recorded < 1:
+        recorded = info.metadata.threshold.target_sensitivity
+        if recorded is None or not 0 < recorded < 1:
             raise PermanentError(
                 f"model {info.version} records no target sensitivity; "
                 "set acceptance.target_sensitivity"
@@ -557,37 +567,38 @@ def site_version(source: str, when: datetime) -> str:
     return f"{root}{SITE_MARK}{when.strftime('%Y%m%d-%H%M%S')}"
 
 
-def sample_summary(scores: Scores) -> dict[str, Any]:
+def sample_summary(scores: Scores) -> SiteSample:
     """The sample as the provenance and the audit trail name it (no patient data)."""
     s = scores.sample
-    return {
-        "source": s.source,
-        "kind": s.kind,
-        "sha256": s.digest,
-        "cases": len(s.cases),
-        "assessed": scores.n,
-        "positives": scores.positives,
-        "negatives": scores.negatives,
-        "not_assessed": scores.not_assessed,
-        "runtime": scores.runtime,
-    }
+    return SiteSample(
+        source=s.source,
+        kind=s.kind,
+        sha256=s.digest,
+        cases=len(s.cases),
+        assessed=scores.n,
+        positives=scores.positives,
+        negatives=scores.negatives,
+        not_assessed=scores.not_assessed,
+        runtime=scores.runtime,
+    )
 
 
-def adequacy_summary(a: Adequacy) -> dict[str, Any]:
-    return {
-        "confidence": a.acceptance.confidence,
-        "method": "Clopper-Pearson (exact)",
-        "sensitivity_lower": a.sensitivity_lower,
-        "sensitivity_floor": a.acceptance.sensitivity_floor,
-        "specificity_lower": a.specificity_lower,
-        "specificity_floor": a.acceptance.specificity_floor,
-        "positives_needed": a.positives_needed,
-        "negatives_needed": a.negatives_needed,
-    }
+def bounds_record(a: Adequacy) -> AcceptanceBounds:
+    return AcceptanceBounds(
+        method="Clopper-Pearson (exact)",
+        confidence=a.acceptance.confidence,
+        sensitivity_lower=a.sensitivity_lower,
+        sensitivity_floor=a.acceptance.sensitivity_floor,
+        specificity_lower=a.specificity_lower,
+        specificity_floor=a.acceptance.specificity_floor,
+        positives_needed=a.positives_needed,
+        negatives_needed=a.negatives_needed,
+    )
 
 
 def _finite(value: Any) -> Any:
-    """NaN (a metric with an empty denominator) as null: JSON and PostgreSQL refuse NaN."""
+    """NaN (a metric with an empty denominator) as null: the audit trail's JSON, like
+    PostgreSQL's, refuses NaN."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -597,113 +608,119 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _point(e: Evaluation) -> dict[str, Any]:
-    return {
-        "version": e.version,
-        "calibration": {"temperature": e.temperature, "bias": e.bias},
-        "threshold": e.threshold,
-        "metrics": _finite(e.metrics),
-    }
+def _point(e: Evaluation) -> SitePoint:
+    return SitePoint(
+        version=e.version,
+        threshold=e.threshold,
+        calibration=Calibration(temperature=e.temperature, bias=e.bias),
+        metrics=ValidationMetrics.from_json(e.metrics),
+    )
 
 
-def derived_metadata(info: BundleInfo, fit: SiteFit, when: datetime) -> dict[str, Any]:
+def derived_metadata(info: BundleInfo, fit: SiteFit, when: datetime) -> BundleMetadata:
     """The source's metadata with the site's calibration, threshold and provenance.
 
     ``metrics`` (the validation history of the model files) is kept as it was; what the
     new operating point gives on the site's sample is in ``site_acceptance``.
     """
-    summary = sample_summary(fit.scores)
+    sample = sample_summary(fit.scores)
     chosen_on = (
-        f"site sample {summary['sha256'][:12]} ({fit.scores.n} cases: "
+        f"site sample {(sample.sha256 or '')[:12]} ({fit.scores.n} cases: "
         f"{fit.scores.positives} {POSITIVE}, {fit.scores.negatives} {NEGATIVE}), "
         f"{format_utc(when)}"
     )
-    meta = copy.deepcopy(info.metadata)
-    meta["version"] = fit.after.version
-    meta["created_at"] = when.isoformat()
-    meta["calibration"] = {
-        "method": "Platt scaling (temperature and bias)",
-        "temperature": fit.after.temperature,
-        "bias": fit.after.bias,
-        "fitted_on": chosen_on,
-    }
-    meta["threshold"] = {
-        "value": fit.after.threshold,
-        "rule": "highest threshold keeping the site sample's sensitivity >= "
-        f"{fit.target_sensitivity}",
-        "target_sensitivity": fit.target_sensitivity,
-        "chosen_on": chosen_on,
-        "applies_to": "calibrated probability",
-    }
-    meta["derived_from"] = {
-        "version": info.version,
-        "sha256": info.sha256,
-        "change": "calibration and threshold refitted on the site's labelled sample "
-        "(model calibrate); model files unchanged",
-    }
-    meta["site_acceptance"] = {
-        "date": when.isoformat(),
-        "sample": summary,
-        "target_sensitivity": fit.target_sensitivity,
-        "before": _point(fit.before),
-        "after": _point(fit.after),
-        "bounds": _finite(adequacy_summary(fit.adequacy)),
-    }
-    return meta
+    return replace(
+        info.metadata,
+        version=fit.after.version,
+        created_at=when,
+        calibration=Calibration(
+            method="Platt scaling (temperature and bias)",
+            temperature=fit.after.temperature,
+            bias=fit.after.bias,
+            fitted_on=chosen_on,
+        ),
+        threshold=Threshold(
+            value=fit.after.threshold,
+            rule="highest threshold keeping the site sample's sensitivity >= "
+            f"{fit.target_sensitivity}",
+            target_sensitivity=fit.target_sensitivity,
+            chosen_on=chosen_on,
+            applies_to="calibrated probability",
+        ),
+        derived_from=DerivedFrom(
+            version=info.version,
+            change="calibration and threshold refitted on the site's labelled sample "
+            "(model calibrate); model files unchanged",
+        ),
+        site_acceptance=SiteAcceptance(
+            date=when,
+            sample=sample,
+            target_sensitivity=fit.target_sensitivity,
+            before=_point(fit.before),
+            after=_point(fit.after),
+            bounds=bounds_record(fit.adequacy),
+        ),
+    )
 
 
 #: The site calibration in words, beside the (copied) model card of the model files.
 ACCEPTANCE_FILE = "SITE_ACCEPTANCE.md"
 
 
-def acceptance_text(meta: dict[str, Any]) -> str:
+def acceptance_text(meta: BundleMetadata) -> str:
     """``SITE_ACCEPTANCE.md``: what the derived version changed, for the site's physicist."""
-    site, source = meta["site_acceptance"], meta["derived_from"]
-    sample, bounds = site["sample"], site["bounds"]
-    refused = sum(sample["not_assessed"].values())
+    site, source = meta.site_acceptance, meta.derived_from
+    if site is None or source is None:
+        raise ModelError(f"model {meta.version} was not derived by model calibrate")
+    sample, bounds = site.sample, site.bounds
+    refused = sum((sample.not_assessed or {}).values())
     lines = [
-        f"# Site acceptance: model `{meta['version']}`",
+        f"# Site acceptance: model `{meta.version}`",
         "",
-        f"Derived on {site['date']} from `{source['version']}`: the same model files (see its",
-        "MODEL_CARD.md), with the calibration and threshold refitted on the site's labelled",
-        f"sample `{sample['source']}` (SHA-256 of its labels {sample['sha256'][:16]}…):",
-        f"{sample['assessed']} cases assessed, {sample['positives']} {POSITIVE} and "
-        f"{sample['negatives']} {NEGATIVE}, {refused} not assessed by the serving path, "
-        f"runtime {sample['runtime']}. Target sensitivity {site['target_sensitivity']}.",
+        f"Derived on {format_utc(site.date)} from `{source.version}`: the same model files "
+        "(see its MODEL_CARD.md), with the calibration and threshold refitted on the site's",
+        f"labelled sample `{sample.source}` (SHA-256 of its labels {(sample.sha256 or '')[:16]}…):",
+        f"{sample.assessed} cases assessed, {sample.positives} {POSITIVE} and "
+        f"{sample.negatives} {NEGATIVE}, {refused} not assessed by the serving path, "
+        f"runtime {sample.runtime}. Target sensitivity {site.target_sensitivity}.",
         "",
         "| version | threshold | AUC | sensitivity | specificity | ECE | Brier |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for point in (site["before"], site["after"]):
-        m, ci = point["metrics"], point["metrics"]["ci95"]
+    for point in (site.before, site.after):
+        m = point.metrics
+        ci = m.ci95 or {}
 
-        def cell(key: str, m: dict[str, Any] = m, ci: dict[str, Any] = ci) -> str:
-            lo, hi = ci[key]
-            return f"{_md(m[key])} ({_md(lo)}–{_md(hi)})"
+        def cell(key: str, m: ValidationMetrics = m, ci: Any = ci) -> str:
+            lo, hi = ci.get(key, (None, None))
+            return f"{_md(getattr(m, key))} ({_md(lo)}–{_md(hi)})"
 
         lines.append(
-            f"| {point['version']} | {point['threshold']:.4f} | {cell('auc')} | "
-            f"{cell('sensitivity')} | {cell('specificity')} | {_md(m['ece'])} | "
-            f"{_md(m['brier'])} |"
+            f"| {point.version} | {point.threshold:.4f} | {cell('auc')} | "
+            f"{cell('sensitivity')} | {cell('specificity')} | {_md(m.ece)} | {_md(m.brier)} |"
         )
     lines += [
         "",
-        f"Intervals: 95 % bootstrap. At the new threshold the exact lower "
-        f"{bounds['confidence']:.0%} bounds are {_md(bounds['sensitivity_lower'])} for the "
-        f"sensitivity (floor {bounds['sensitivity_floor']}) and "
-        f"{_md(bounds['specificity_lower'])} for the specificity (floor "
-        f"{bounds['specificity_floor']}). The threshold was chosen on these cases: check it "
+        "Intervals: 95 % bootstrap. At the new threshold the exact lower "
+        f"{_pct(bounds.confidence)} bounds are {_md(bounds.sensitivity_lower)} for the "
+        f"sensitivity (floor {bounds.sensitivity_floor}) and "
+        f"{_md(bounds.specificity_lower)} for the specificity (floor "
+        f"{bounds.specificity_floor}). The threshold was chosen on these cases: check it "
         "on an independent sample (`model compare`) before activating it.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _md(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+def _md(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
-def write_derived_bundle(info: BundleInfo, metadata: dict[str, Any], dest: Path) -> Path:
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def write_derived_bundle(info: BundleInfo, metadata: BundleMetadata, dest: Path) -> Path:
     """Copy every file of the source bundle but its metadata (the model files, and the
     exported runtimes with their record: the model files are the same, so their checks
     still hold), then write the new metadata; atomically, as a temp folder renamed."""
@@ -792,8 +809,8 @@ def calibrate_site(
                 outcome="refused",
                 detail={
                     "version": info.version,
-                    "sample": sample_summary(scores),
-                    "bounds": _finite(adequacy_summary(exc.adequacy)),
+                    "sample": sample_summary(scores).to_json(),
+                    "bounds": _finite(bounds_record(exc.adequacy).to_json()),
                     "reason": str(exc),
                 },
             )
@@ -804,14 +821,14 @@ def calibrate_site(
     detail = {
         "version": new_version,
         "derived_from": info.version,
-        "sample": sample_summary(scores),
+        "sample": sample_summary(scores).to_json(),
         "target_sensitivity": fit.target_sensitivity,
         "threshold": {"before": info.threshold, "after": fit.after.threshold},
         "calibration": {
             "before": list(info.calibration),
             "after": [fit.after.temperature, fit.after.bias],
         },
-        "bounds": _finite(adequacy_summary(fit.adequacy)),
+        "bounds": _finite(bounds_record(fit.adequacy).to_json()),
     }
     row = register_bundle(
         db,

@@ -17,6 +17,10 @@ A lease that runs out (a worker killed with ``kill -9``, a machine lost) makes t
 claimable again: :meth:`JobQueue.reclaim_expired` runs before every claim. A worker that
 stops cleanly gives its leases back at once with :meth:`JobQueue.release`. Every state
 change is audited in the transaction that makes it.
+
+Whoever needs to know that jobs ended (a reclassification run counts its jobs) passes
+``on_ended`` (:data:`JobsEnded`): the queue calls it after the transaction that ended them
+commits, whichever path ended them (an outcome, a retry spent, a lease lost too often).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -111,6 +115,20 @@ class ClaimedJob:
 
 
 @dataclass(frozen=True)
+class EndedJob:
+    """A job that has just reached a terminal state."""
+
+    id: int
+    kind: JobKind
+    run_id: int | None
+    state: JobState
+
+
+#: Told which jobs ended (after their transaction committed) and by whom (an audit actor).
+JobsEnded = Callable[[Sequence[EndedJob], str], None]
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What became of a job that did not end with a prediction."""
 
@@ -129,12 +147,14 @@ class JobQueue:
         *,
         worker_id: str | None = None,
         locks: WorkerLocks | None = None,
+        on_ended: JobsEnded | None = None,
     ) -> None:
         self.db = db
         self.policy = policy
         self.worker_id = worker_id or default_worker_id()
         #: This host's worker locks (queue/liveness.py); None: judge by PID alone.
         self.locks = locks
+        self.on_ended = on_ended
         self.actor = f"worker:{self.worker_id}"
         # Reclaiming writes; on SQLite every write takes the database lock, so do it
         # every few seconds rather than before every claim.
@@ -244,6 +264,7 @@ class JobQueue:
         return _pid_alive(holder) if alive is None else alive
 
     def _reclaim(self, condition: object, now: datetime) -> int:
+        ended: list[EndedJob] = []
         with self.db.session() as session:
             jobs = list(
                 session.execute(
@@ -257,6 +278,7 @@ class JobQueue:
                     job.reason = (
                         f"lease_lost: worker stopped without finishing, {job.attempts} times"
                     )
+                    ended.append(EndedJob(job.id, JobKind(job.kind), job.run_id, job.state))
                 else:
                     job.state = JobState.QUEUED
                 job.lease_until = None
@@ -273,15 +295,22 @@ class JobQueue:
                 )
         if jobs:
             log.info("reclaimed %d job(s) whose worker lost its lease", len(jobs))
+        self.ended(ended)
         return len(jobs)
 
     # ------------------------------------------------------------------ outcomes
+
+    def ended(self, jobs: Sequence[EndedJob]) -> None:
+        """Tell ``on_ended`` about jobs whose ending has committed."""
+        if jobs and self.on_ended is not None:
+            self.on_ended(jobs, self.actor)
 
     def mark_done(self, session: Session, job: ClaimedJob, detail: dict[str, object]) -> bool:
         """In the caller's transaction (with the prediction): the job is done.
 
         Returns False when this worker no longer holds the job (its lease ran out and
-        another worker took it); the prediction's unique key keeps that harmless.
+        another worker took it); the prediction's unique key keeps that harmless. The
+        caller passes the jobs to :meth:`ended` once its transaction has committed.
         """
         held = self._finish(session, job, JobState.DONE, None)
         self._audit_outcome(session, job, "done" if held else "done_lease_lost", detail)
@@ -291,10 +320,13 @@ class JobQueue:
         """End jobs ``not_assessed`` with their reason codes (no retry: the input is what it is)."""
         if not outcomes:
             return
+        ended: list[EndedJob] = []
         with self.db.session() as session:
             for job, reason in outcomes:
-                self._finish(session, job, JobState.NOT_ASSESSED, reason)
+                if self._finish(session, job, JobState.NOT_ASSESSED, reason):
+                    ended.append(ended_job(job, JobState.NOT_ASSESSED))
                 self._audit_outcome(session, job, "not_assessed", {"reason": reason})
+        self.ended(ended)
 
     def fail(self, failures: Sequence[tuple[ClaimedJob, str, bool]]) -> list[Outcome]:
         """Record failed attempts: ``(job, reason, retryable)``.
@@ -330,6 +362,7 @@ class JobQueue:
                 outcomes.append(Outcome(job, state, short))
                 outcome = "retry" if state == JobState.QUEUED else "failed"
                 self._audit_outcome(session, job, outcome, detail)
+        self.ended([ended_job(o.job, o.state) for o in outcomes if o.state in TERMINAL_STATES])
         return outcomes
 
     def release(self, jobs: Iterable[ClaimedJob]) -> int:
@@ -387,6 +420,10 @@ class JobQueue:
             outcome=outcome,
             detail={"job_id": job.id, "kind": str(job.kind), **detail},
         )
+
+
+def ended_job(job: ClaimedJob, state: JobState) -> EndedJob:
+    return EndedJob(job.id, job.kind, job.run_id, state)
 
 
 def _guarded_update(

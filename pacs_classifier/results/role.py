@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pacs_classifier.config import Config, DestinationConfig
 from pacs_classifier.db.engine import Database
@@ -33,9 +33,6 @@ from pacs_classifier.results.sender import (
     store_file,
 )
 
-if TYPE_CHECKING:
-    from pacs_classifier.wiring import App
-
 log = logging.getLogger(__name__)
 
 #: One object per claim: a stop finishes the object in hand and leaves nothing leased.
@@ -44,7 +41,11 @@ SEND_BATCH = 1
 
 
 class ResultsWorker:
-    """Claims render and send jobs; one instance per ``sender`` role."""
+    """Claims render and send jobs; one instance per ``sender`` role.
+
+    :meth:`run_render` and :meth:`run_send` are the role's two loops, each meant for its
+    own thread (``commands/_roles.py`` starts them).
+    """
 
     def __init__(self, db: Database, config: Config, *, worker_id: str | None = None) -> None:
         self.db = db
@@ -194,25 +195,3 @@ class ResultsWorker:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def start_role(app: App) -> Callable[[], None]:
-    """Start the render and send threads; return how to stop them (finishing the current
-    object; claims not started are given back when their lease runs out)."""
-    worker = ResultsWorker(app.checked_db(), app.config)
-    stop = threading.Event()
-    threads = [
-        threading.Thread(
-            target=worker.run_render, args=(stop,), name="results-render", daemon=True
-        ),
-        threading.Thread(target=worker.run_send, args=(stop,), name="results-send", daemon=True),
-    ]
-    for t in threads:
-        t.start()
-
-    def halt() -> None:
-        stop.set()
-        for t in threads:
-            t.join()
-
-    return halt

@@ -6,12 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
+from pacs_classifier.config import WebConfig
 from pacs_classifier.errors import PermanentError
-
-if TYPE_CHECKING:
-    from pacs_classifier.wiring import App
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +21,10 @@ class WebError(PermanentError):
     """The web role could not start (most often: its port is taken)."""
 
 
-def start_role(app: App) -> Callable[[], None]:
-    """Serve the web application on ``[web] host:port``; returns its stop function."""
+def serve_in_thread(asgi: Any, c: WebConfig) -> Callable[[], None]:
+    """Serve ``asgi`` on ``[web] host:port`` in a thread; returns its stop function."""
     import uvicorn
 
-    from pacs_classifier.web.app import create_app
-
-    c = app.config.web
-    asgi = create_app(app.config, app.checked_db(), local_listener=app.running_listener)
     server = uvicorn.Server(
         uvicorn.Config(
             asgi,
