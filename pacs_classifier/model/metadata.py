@@ -243,8 +243,8 @@ class SiteSample(Section):
 class SitePoint(Section):
     """One version's calibration and threshold, and what they give on the site's sample."""
 
-    version: str
-    threshold: float
+    version: str | None = None
+    threshold: float | None = None
     calibration: Calibration = field(default_factory=Calibration)
     metrics: ValidationMetrics = field(default_factory=ValidationMetrics)
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -271,11 +271,11 @@ class SiteAcceptance(Section):
     """Local acceptance (``model calibrate``): the source version and the calibration and
     threshold refitted for a site, both measured on the site's labelled sample."""
 
-    date: datetime
-    sample: SiteSample
-    target_sensitivity: float
-    before: SitePoint
-    after: SitePoint
+    date: datetime | None = None
+    sample: SiteSample = field(default_factory=SiteSample)
+    target_sensitivity: float | None = None
+    before: SitePoint = field(default_factory=SitePoint)
+    after: SitePoint = field(default_factory=SitePoint)
     bounds: AcceptanceBounds = field(default_factory=AcceptanceBounds)
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -674,10 +674,11 @@ def acceptance_text(meta: BundleMetadata) -> str:
         raise ModelError(f"model {meta.version} was not derived by model calibrate")
     sample, bounds = site.sample, site.bounds
     refused = sum((sample.not_assessed or {}).values())
+    derived_on = format_utc(site.date) if site.date else "-"
     lines = [
         f"# Site acceptance: model `{meta.version}`",
         "",
-        f"Derived on {format_utc(site.date)} from `{source.version}`: the same model files "
+        f"Derived on {derived_on} from `{source.version}`: the same model files "
         "(see its MODEL_CARD.md), with the calibration and threshold refitted on the site's",
         f"labelled sample `{sample.source}` (SHA-256 of its labels {(sample.sha256 or '')[:16]}…):",
         f"{sample.assessed} cases assessed, {sample.positives} {POSITIVE} and "
@@ -696,7 +697,7 @@ def acceptance_text(meta: BundleMetadata) -> str:
             return f"{_md(getattr(m, key))} ({_md(lo)}–{_md(hi)})"
 
         lines.append(
-            f"| {point.version} | {point.threshold:.4f} | {cell('auc')} | "
+            f"| {point.version} | {_md(point.threshold, 4)} | {cell('auc')} | "
             f"{cell('sensitivity')} | {cell('specificity')} | {_md(m.ece)} | {_md(m.brier)} |"
         )
     lines += [
@@ -712,8 +713,8 @@ def acceptance_text(meta: BundleMetadata) -> str:
     return "\n".join(lines)
 
 
-def _md(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+def _md(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def _pct(value: float | None) -> str:
