@@ -12,6 +12,7 @@ import dataclasses
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ from pacs_classifier.model.site import (
     compare_versions,
     lower_bound,
     read_labels_csv,
+    site_version,
 )
 from pacs_classifier.receive.inspect import inspect_received
 from pacs_classifier.store.ingest import Ingestor
@@ -71,6 +73,12 @@ def test_clopper_pearson_bounds_and_the_cases_they_need() -> None:
     assert lower_bound(68, 70, 0.95) >= 0.90  # ceil(0.97 × 70) = 68
     # A rate under the floor: no sample size helps.
     assert cases_needed(lambda n: np.floor(0.45 * n).astype(np.int64), 0.5, 0.95) is None
+
+
+def test_a_calibrated_version_is_named_after_the_original() -> None:
+    when = datetime(2026, 12, 2, 21, 30, 5, tzinfo=UTC)
+    assert site_version("ref-1", when) == "ref-1-site-20261202-213005"
+    assert site_version("ref-1-site-20261101-080000", when) == "ref-1-site-20261202-213005"
 
 
 def test_assess_says_how_many_more_cases_of_each_class() -> None:
@@ -342,6 +350,11 @@ def test_calibrate_registers_a_derived_version_that_serves_what_was_evaluated(
 def test_too_small_sample_is_refused_audited_and_registers_nothing(
     site: Site, loader: PredictorLoader
 ) -> None:
+    # A UID the site never stored: one line naming it, before the model is even loaded.
+    unknown = site.labels.with_name("unknown.csv")
+    unknown.write_text("sop_instance_uid,label\n1.2.826.0.1.3680043.8.498.9,NORMAL\n")
+    with pytest.raises(SampleError, match=r"line 2: no stored instance has UID 1\.2\.826"):
+        calibrate_site(site.db, site.config, site.reference, unknown, actor="cli:x", loader=loader)
     strict = dataclasses.replace(site.config, acceptance=AcceptanceConfig())
     with pytest.raises(SampleTooSmall) as info:
         calibrate_site(
