@@ -721,17 +721,27 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+#: Files of a source bundle that hold its calibrated probabilities, and so do not hold for
+#: a version with another calibration: not copied into a derived one.
+CALIBRATED_FILES = frozenset({METADATA_FILE, "validation_scores.npz"})
+
+
 def write_derived_bundle(info: BundleInfo, metadata: BundleMetadata, dest: Path) -> Path:
-    """Copy every file of the source bundle but its metadata (the model files, and the
-    exported runtimes with their record: the model files are the same, so their checks
-    still hold), then write the new metadata; atomically, as a temp folder renamed."""
+    """Copy the source bundle's files but those of :data:`CALIBRATED_FILES`, then write
+    the new metadata; atomically, a temp folder renamed.
+
+    The exported runtimes and their record are copied: the model files are the same, so
+    the runtime the sample was scored with is the one the new version serves. Their
+    parity was measured at the source's calibration and threshold; exporting the new
+    version again would measure it at the new ones.
+    """
     if dest.exists():
         raise ModelError(f"{dest} exists; remove it or calibrate again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         for item in sorted(info.path.iterdir()):
-            if item.name == METADATA_FILE or item.name.startswith("."):
+            if item.name in CALIBRATED_FILES or item.name.startswith("."):
                 continue
             if item.is_dir():
                 shutil.copytree(item, tmp / item.name)
