@@ -48,6 +48,7 @@ from pacs_classifier.model.site import (
     read_labels_csv,
     site_version,
 )
+from pacs_classifier.model.validation_scores import read_validation_scores
 from pacs_classifier.receive.inspect import inspect_received
 from pacs_classifier.store.ingest import Ingestor
 from pacs_classifier.store.storage import Storage
@@ -311,6 +312,12 @@ def test_calibrate_registers_a_derived_version_that_serves_what_was_evaluated(
     assert acceptance.before.threshold == pytest.approx(source.threshold)
     assert acceptance.after.metrics.sensitivity == fit.after.metrics["sensitivity"]
     assert acceptance.bounds.method == "Clopper-Pearson (exact)"
+    # The drift report's reference: the site sample, as the new version serves it.
+    reference_scores = read_validation_scores(done.path)
+    assert reference_scores is not None
+    assert list(reference_scores.labels) == list(fit.scores.y)
+    p_new = calibrate(fit.scores.raw, fit.after.temperature, fit.after.bias)
+    assert reference_scores.probabilities == pytest.approx(p_new, abs=1e-6)
     card = (done.path / ACCEPTANCE_FILE).read_text(encoding="utf-8")
     assert f"from `{site.reference}`: the same model files" in card
     assert f"| {done.version} | {fit.after.threshold:.4f} |" in card

@@ -72,6 +72,8 @@ from pacs_classifier.model.runtime import (
     load_predictor,
     read_runtimes,
 )
+from pacs_classifier.model.validation_scores import FILE as VALIDATION_SCORES_FILE
+from pacs_classifier.model.validation_scores import write_validation_scores
 from pacs_classifier.times import format_utc
 
 log = logging.getLogger(__name__)
@@ -723,12 +725,21 @@ def _pct(value: float | None) -> str:
 
 #: Files of a source bundle that hold its calibrated probabilities, and so do not hold for
 #: a version with another calibration: not copied into a derived one.
-CALIBRATED_FILES = frozenset({METADATA_FILE, "validation_scores.npz"})
+CALIBRATED_FILES = frozenset({METADATA_FILE, VALIDATION_SCORES_FILE})
 
 
-def write_derived_bundle(info: BundleInfo, metadata: BundleMetadata, dest: Path) -> Path:
+def write_derived_bundle(
+    info: BundleInfo,
+    metadata: BundleMetadata,
+    dest: Path,
+    *,
+    validation: tuple[npt.ArrayLike, npt.ArrayLike],
+) -> Path:
     """Copy the source bundle's files but those of :data:`CALIBRATED_FILES`, then write
-    the new metadata; atomically, a temp folder renamed.
+    the new metadata, and as ``validation_scores.npz`` (the drift report's reference)
+    ``validation``: the site sample's labels and its probabilities as the new version
+    serves them, so live traffic is watched against the site's own accepted sample.
+    Atomically: a temp folder, renamed.
 
     The exported runtimes and their record are copied: the model files are the same, so
     the runtime the sample was scored with is the one the new version serves. Their
@@ -748,6 +759,7 @@ def write_derived_bundle(info: BundleInfo, metadata: BundleMetadata, dest: Path)
             else:
                 shutil.copy2(item, tmp / item.name)
         write_bundle_metadata(tmp, metadata)
+        write_validation_scores(tmp, *validation)
         (tmp / ACCEPTANCE_FILE).write_text(acceptance_text(metadata), encoding="utf-8")
         read_bundle(tmp)
         os.replace(tmp, dest)
@@ -827,7 +839,13 @@ def calibrate_site(
             )
         raise
     dest = write_derived_bundle(
-        info, derived_metadata(info, fit, when), config.model_dir / new_version
+        info,
+        derived_metadata(info, fit, when),
+        config.model_dir / new_version,
+        validation=(
+            scores.y,
+            calibrate(scores.raw, fit.after.temperature, fit.after.bias),
+        ),
     )
     detail = {
         "version": new_version,
