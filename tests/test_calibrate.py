@@ -34,7 +34,7 @@ from pacs_classifier.db.models import AuditEvent, Model, Prediction
 from pacs_classifier.model import site as site_module
 from pacs_classifier.model.bundle import MODEL_FILES, read_bundle
 from pacs_classifier.model.registry import activate_version
-from pacs_classifier.model.runtime import Predictor, calibrate, load_predictor
+from pacs_classifier.model.runtime import Inference, Predictor, calibrate, load_predictor
 from pacs_classifier.model.site import (
     ACCEPTANCE_FILE,
     PredictorLoader,
@@ -225,6 +225,9 @@ class LoadedAs:
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         return calibrate(self.raw_predict(batch), *self.info.calibration)
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> Inference:
+        return Inference(self.predict(batch), self._inner.infer(batch).features)
 
 
 @dataclass

@@ -273,25 +273,44 @@ class Scores:
 def score_sample(
     sample: Sample, predictor: Predictor, rules: EligibilityConfig, *, batch_size: int = 16
 ) -> Scores:
-    """Each case through the serving path, in batches; refused cases are counted."""
-    from pacs_classifier.preprocess import serving_tensor
+    """Each case through the serving path, in batches; refused cases are counted.
+
+    The serving path is the worker's: eligibility and normalisation, the model, then the
+    bundle's out-of-distribution check on the model's features (a case it refuses is
+    ``out_of_distribution``, as in service; no check when the bundle has none or the
+    runtime returns no features).
+    """
+    from pacs_classifier.model.ood import read_ood
+    from pacs_classifier.preprocess import reasons, serving_tensor
 
     size = predictor.info.image_size
-    labels: list[int] = []
+    ood = read_ood(predictor.info)
+    labels: list[IntArray] = []
     raw: list[FloatArray] = []
     refused: Counter[str] = Counter()
-    batch: list[npt.NDArray[np.float32]] = []
+    batch: list[tuple[npt.NDArray[np.float32], int]] = []
 
     def flush() -> None:
-        if batch:
-            raw.append(predictor.raw_predict(np.stack(batch)))
-            batch.clear()
+        if not batch:
+            return
+        x = np.stack([tensor for tensor, _ in batch])
+        y = np.asarray([label for _, label in batch], dtype=np.int64)
+        batch.clear()
+        out = predictor.raw_predict(x)
+        features = predictor.infer(x).features if ood is not None else None
+        if ood is not None and features is not None:
+            keep = ood.score(features) <= ood.threshold
+            if not keep.all():
+                refused[reasons.OUT_OF_DISTRIBUTION] += int((~keep).sum())
+                out, y = out[keep], y[keep]
+        raw.append(out)
+        labels.append(y)
 
     for done, case in enumerate(sample.cases):
         if done and done % 100 == 0:
             log.info("sample: %d of %d cases read", done, len(sample.cases))
         try:
-            batch.append(serving_tensor(case.path, size, rules=rules))
+            tensor = serving_tensor(case.path, size, rules=rules)
         except NotAssessable as exc:
             # DEBUG: a labelled folder's file names are the site's, and may name patients.
             log.debug("sample case %s: not assessed, %s", case.ref, exc.reason)
@@ -299,14 +318,14 @@ def score_sample(
             continue
         except OSError as exc:
             raise SampleError(f"{case.ref}: file {case.path} cannot be read: {exc}") from None
-        labels.append(case.label)
+        batch.append((tensor, case.label))
         if len(batch) >= batch_size:
             flush()
     flush()
     return Scores(
         sample,
         predictor.runtime,
-        np.asarray(labels, dtype=np.int64),
+        np.concatenate(labels) if labels else np.zeros((0,), dtype=np.int64),
         np.concatenate(raw) if raw else np.zeros((0,), dtype=np.float64),
         dict(sorted(refused.items())),
     )
