@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,12 @@ def register_bundle(
     export: bool = False,
     data_root: Path | None = None,
     static_int8: bool = False,
+    events: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> Model:
     """Check ``source``, copy it to ``model_dir/<version>`` and record it.
 
+    ``events``: further audit events about the new model, as (action, detail), written in
+    the same transaction as its row (``model calibrate`` records its provenance so).
     With ``export``, the copy is also exported to the faster runtimes that pass their parity
     check (:mod:`pacs_classifier.model.export`, a minute or two per model) on the bundle's
     validation images under ``data_root`` (synthetic inputs without it); a failure there is
@@ -91,6 +95,16 @@ def register_bundle(
                     **({"runtimes": runtimes} if runtimes is not None else {}),
                 },
             )
+            for action, detail in events:
+                append_event(
+                    session,
+                    actor=actor,
+                    action=action,
+                    entity_type="model",
+                    entity_id=row.id,
+                    outcome="ok",
+                    detail=detail,
+                )
             if activate:
                 _activate(session, row, actor)
             return row
