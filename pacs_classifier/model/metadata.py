@@ -355,6 +355,60 @@ class DerivedFrom(Section):
     change: Text | None = None
 
 
+class SiteSample(Section):
+    """The labelled sample of a site calibration (it names no patient)."""
+
+    #: The labels CSV or folder, as given to ``model calibrate``.
+    source: Text | None = None
+    #: ``instances`` (a CSV of stored instances' UIDs) or ``folder`` (NORMAL/, PNEUMONIA/).
+    kind: Text | None = None
+    #: SHA-256 of the sorted ``ref:LABEL`` lines: the same labels give the same digest.
+    sha256: Text | None = None
+    cases: Integer | None = None
+    assessed: Integer | None = None
+    positives: Integer | None = None
+    negatives: Integer | None = None
+    #: Cases the serving path did not assess, by reason code (left out of the metrics).
+    not_assessed: Mapping[str, Integer] | None = None
+    #: The serving runtime the cases were scored with.
+    runtime: Text | None = None
+
+
+class SitePoint(Section):
+    """One version's calibration and threshold, and what they give on the site's sample."""
+
+    version: Text | None = None
+    threshold: Number | None = None
+    calibration: Calibration = Field(default_factory=Calibration)
+    metrics: ValidationMetrics = Field(default_factory=ValidationMetrics)
+
+
+class AcceptanceBounds(Section):
+    """Exact lower confidence bounds at the new threshold, the floors they had to reach,
+    and the cases of each class a sample needs to reach them."""
+
+    method: Text | None = None
+    confidence: Number | None = None
+    sensitivity_lower: Number | None = None
+    sensitivity_floor: Number | None = None
+    specificity_lower: Number | None = None
+    specificity_floor: Number | None = None
+    positives_needed: Integer | None = None
+    negatives_needed: Integer | None = None
+
+
+class SiteAcceptance(Section):
+    """Local acceptance (``model calibrate``): the source version and the calibration and
+    threshold refitted for a site, both measured on the site's labelled sample."""
+
+    date: Time | None = None
+    sample: SiteSample = Field(default_factory=SiteSample)
+    target_sensitivity: Number | None = None
+    before: SitePoint = Field(default_factory=SitePoint)
+    after: SitePoint = Field(default_factory=SitePoint)
+    bounds: AcceptanceBounds = Field(default_factory=AcceptanceBounds)
+
+
 class BundleMetadata(Section):
     """Everything ``metadata.json`` holds (SPEC §6)."""
 
@@ -373,6 +427,8 @@ class BundleMetadata(Section):
     data: DataSummary | None = None
     metrics: Metrics = Field(default_factory=Metrics)
     derived_from: DerivedFrom | None = None
+    #: Set by ``model calibrate`` on the version it derives for a site.
+    site_acceptance: SiteAcceptance | None = None
     seed: Integer | None = None
     #: Free-form: the trainer's options, per-epoch history, cross-validation, stress suite.
     training: FreeForm | None = None
@@ -485,6 +541,7 @@ __all__ = [
     "MODEL_FILES",
     "SPLIT_FILE",
     "WEIGHTS_FILE",
+    "AcceptanceBounds",
     "Architecture",
     "BaseWeightsRecord",
     "BundleMetadata",
@@ -495,6 +552,9 @@ __all__ = [
     "Metrics",
     "Preprocessing",
     "Section",
+    "SiteAcceptance",
+    "SitePoint",
+    "SiteSample",
     "SplitSummary",
     "Threshold",
     "ValidationMetrics",

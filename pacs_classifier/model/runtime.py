@@ -72,6 +72,11 @@ class Predictor(Protocol):
         """Calibrated probabilities and pooled features of the batch."""
         ...
 
+    def raw_predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """The model's own sigmoid output, before the bundle's calibration (refitting a
+        calibration, as ``model calibrate`` does, starts from it)."""
+        ...
+
 
 def calibrate(raw: npt.ArrayLike, temperature: float, bias: float = 0.0) -> npt.NDArray[np.float64]:
     """``sigmoid(logit(p) / T + b)``: temperature scaling, with an optional bias (Platt)."""
