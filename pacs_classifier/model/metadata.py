@@ -165,17 +165,6 @@ class Section(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
-    def __init__(self, /, **data: Any) -> None:
-        # Built in code, a bad value is a ModelError too, worded as when read.
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise ModelError(_one_line(exc)) from None
-
-    # pydantic calls a custom __init__ for nested sections too, which would raise before
-    # the outer section could name the full key; this marks it as the plain one.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
-
     @property
     def extra(self) -> Mapping[str, Any]:
         """Keys this version does not know, as read; written back unchanged."""
