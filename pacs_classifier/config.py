@@ -11,9 +11,9 @@ one (``5``, ``true``, ``["CR", "DX"]``) and taken as a string otherwise.
 Secrets never live in the file: ``PACS_CLASSIFIER_DATABASE_PASSWORD`` is put into the
 database URL and ``PACS_CLASSIFIER_TLS_KEY_PASSPHRASE`` unlocks the TLS key.
 
-Relative paths (``storage.root``, ``model.dir``, a relative SQLite file) are resolved
-against the folder of the configuration file, so the daemon behaves the same whatever
-directory it is started from.
+Relative paths (``storage.root``, ``model.dir``, ``model.data_root``, a relative SQLite
+file) are resolved against the folder of the configuration file, so the daemon behaves
+the same whatever directory it is started from.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ class EligibilityConfig:
 class ModelConfig:
     dir: str = "var/models"
     runtime: str = "auto"
+    #: The labelled dataset root (``NORMAL/``, ``PNEUMONIA/``) that bundles' ``split.json``
+    #: paths are relative to; ``model register`` checks exported runtimes on its validation
+    #: images. Empty: the parity check runs on synthetic inputs.
+    data_root: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ class Config:
     @property
     def model_dir(self) -> Path:
         return self.path(self.model.dir)
+
+    @property
+    def model_data_root(self) -> Path | None:
+        return self.path(self.model.data_root) if self.model.data_root else None
 
     @property
     def database_url(self) -> str:

@@ -38,6 +38,7 @@ import numpy.typing as npt
 from pacs_classifier.db.models import utcnow
 from pacs_classifier.model.bundle import read_bundle, write_metadata, write_model_files
 from pacs_classifier.model.export import export_runtimes, parity_inputs
+from pacs_classifier.model.metadata import BundleMetadata, Threshold
 from pacs_classifier.model.runtime import (
     EXPORTED_FILES,
     KerasPredictor,
@@ -66,14 +67,13 @@ def build_inception_bundle(out: Path, size: int = 299) -> str:
     files = write_model_files(model, out)
     write_metadata(
         out,
-        {
-            "version": f"bench-inception-{size}",
-            "created_at": utcnow().isoformat(),
-            "image_size": size,
-            "threshold": {"value": 0.5, "rule": "benchmark"},
-            "calibration": {"temperature": 1.0},
-            "files": files,
-        },
+        BundleMetadata(
+            version=f"bench-inception-{size}",
+            created_at=utcnow(),
+            image_size=size,
+            threshold=Threshold(value=0.5, rule="benchmark"),
+            files=files,
+        ),
     )
     return "ImageNet base weights + random head" if setting != "none" else "random weights"
 

@@ -226,6 +226,7 @@ def build_tiny_bundle(out: Path) -> Path:
     import keras
 
     from pacs_classifier.model.bundle import write_metadata, write_model_files
+    from pacs_classifier.model.metadata import BundleMetadata, Threshold
     from pacs_classifier.train.model import BaseWeights, build_base, build_classifier, cut_base
 
     keras.utils.set_random_seed(7)
@@ -234,15 +235,13 @@ def build_tiny_bundle(out: Path) -> Path:
     files = write_model_files(model, out)
     write_metadata(
         out,
-        {
-            "version": "bench-tiny-75",
-            "created_at": utcnow().isoformat(),
-            "image_size": TINY_SIZE,
-            "threshold": {"value": 0.5, "rule": "benchmark"},
-            "calibration": {"temperature": 1.0},
-            "files": files,
-            "metrics": {"final": {}},
-        },
+        BundleMetadata(
+            version="bench-tiny-75",
+            created_at=utcnow(),
+            image_size=TINY_SIZE,
+            threshold=Threshold(value=0.5, rule="benchmark"),
+            files=files,
+        ),
     )
     return out
 

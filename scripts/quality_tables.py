@@ -12,29 +12,35 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pacs_classifier.model.bundle import read_metadata
+from pacs_classifier.model.metadata import BundleMetadata
 
 
 def _f(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{float(value):.{digits}f}"
 
 
-def validation_table(meta: dict[str, Any]) -> str:
-    final = meta["metrics"]["final"]
-    ci = final.get("ci95", {})
+def validation_table(meta: BundleMetadata) -> str:
+    final = meta.metrics.final
+    ci = final.ci95 or {}
     lines = ["| | value | 95 % CI |", "| --- | --- | --- |"]
     for key in ("auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "ece", "brier"):
         lo, hi = ci.get(key, (None, None))
         digits = 4 if key == "auc" else 3
-        lines.append(f"| {key} | {_f(final[key], digits)} | {_f(lo, digits)}–{_f(hi, digits)} |")
-    c = final["confusion"]
-    lines.append(f"\nn = {final['n']}; TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}")
+        value = getattr(final, key)
+        lines.append(f"| {key} | {_f(value, digits)} | {_f(lo, digits)}–{_f(hi, digits)} |")
+    c = final.confusion or {}
+    counts = ", ".join(f"{k.upper()} {c.get(k, '?')}" for k in ("tp", "fp", "tn", "fn"))
+    lines.append(f"\nn = {final.n}; {counts}")
     return "\n".join(lines)
 
 
-def cv_table(meta: dict[str, Any]) -> str:
-    cv = meta.get("cross_validation")
+def cv_table(meta: BundleMetadata) -> str:
+    cv = meta.cross_validation
     if not cv:
         return "(no cross-validation recorded)"
     lines = [
@@ -63,7 +69,7 @@ def cv_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def stress_table(stress: dict[str, Any]) -> str:
+def stress_table(stress: Mapping[str, Any]) -> str:
     held_out = set(stress.get("held_out_of_training", []))
     lines = [
         f"n = {stress.get('n', '?')}, threshold {stress['threshold']:.4f} (frozen); "
@@ -95,11 +101,11 @@ def main() -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--stress-json", type=Path)
     args = parser.parse_args()
-    meta = json.loads((args.bundle / "metadata.json").read_text(encoding="utf-8"))
+    meta = read_metadata(args.bundle)
     stress = (
         json.loads(args.stress_json.read_text(encoding="utf-8"))
         if args.stress_json
-        else meta.get("stress")
+        else meta.stress
     )
     print("## Validation\n")
     print(validation_table(meta))

@@ -46,6 +46,7 @@ def build_bundles(out: Path) -> Bundles:
     import keras
 
     from pacs_classifier.model.bundle import write_metadata, write_model_files
+    from pacs_classifier.model.metadata import BundleMetadata, Threshold
     from pacs_classifier.train.model import BaseWeights, build_base, build_classifier, cut_base
 
     keras.utils.set_random_seed(7)
@@ -57,15 +58,13 @@ def build_bundles(out: Path) -> Bundles:
         files = write_model_files(model, folder)
         write_metadata(
             folder,
-            {
-                "version": version,
-                "created_at": utcnow().isoformat(),
-                "image_size": IMAGE_SIZE,
-                "threshold": {"value": threshold, "rule": "fixed by the test"},
-                "calibration": {"temperature": 1.0},
-                "files": files,
-                "metrics": {"final": {}},
-            },
+            BundleMetadata(
+                version=version,
+                created_at=utcnow(),
+                image_size=IMAGE_SIZE,
+                threshold=Threshold(value=threshold, rule="fixed by the test"),
+                files=files,
+            ),
         )
         paths[version] = folder
     return Bundles(paths["tiny-v1"], paths["tiny-v2"])

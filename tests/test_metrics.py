@@ -138,9 +138,10 @@ def test_platt_recovers_temperature_and_bias_and_beats_temperature_alone() -> No
     assert b == pytest.approx(0.75, abs=0.05)
     platt = fit_operating_point(y, shifted, "platt", 0.97)
     temp = fit_operating_point(y, shifted, "temperature", 0.97)
-    assert platt.metrics["ece"] < 0.01 < temp.metrics["ece"]
+    assert platt.metrics.ece is not None and temp.metrics.ece is not None
+    assert platt.metrics.ece < 0.01 < temp.metrics.ece
     # a monotone calibration leaves every decision of the threshold rule as it was
-    assert platt.metrics["confusion"] == temp.metrics["confusion"]
-    assert platt.calibration["bias"] == pytest.approx(b)
-    assert temp.calibration["bias"] == 0.0
+    assert platt.metrics.confusion == temp.metrics.confusion
+    assert platt.calibration.bias == pytest.approx(b)
+    assert temp.calibration.bias == 0.0
     np.testing.assert_allclose(calibrate(shifted, t, b), platt.p_val)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,23 @@ def test_model_cli(tmp_path: Path, tiny_bundles: Bundles) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "does not match" in proc.stderr
     assert (tmp_path / "models" / "tiny-v3").exists() is False
+    # a foreign metadata.json: one line naming the key, nothing registered
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_bundles.v1, foreign)
+    meta = json.loads((foreign / "metadata.json").read_text())
+    meta["version"], meta["threshold"] = "tiny-v4", {"value": "high"}
+    (foreign / "metadata.json").write_text(json.dumps(meta))
+    proc = _cli(config, "model", "register", str(foreign), "--no-export")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "threshold.value: expected a number, received 'high'" in proc.stderr
+    assert "tiny-v4" not in _cli(config, "model", "list").stdout
+    # a dataset root for the parity check that is not there: one line, before any work
+    proc = _cli(config, "model", "register", str(foreign), "--data", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"--data {tmp_path / 'nowhere'}: not a folder")
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(config.read_text() + 'data_root = "nowhere"\n')  # under [model]
+    proc = _cli(elsewhere, "model", "register", str(foreign))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"model.data_root {tmp_path / 'nowhere'}: not a folder")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,6 @@ from pacs_classifier.model.export import (
     int8_parity,
     parity_inputs,
 )
-from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.model.runtime import (
     RUNTIMES_FILE,
     TfliteInt8Predictor,
@@ -51,24 +52,35 @@ def _class_files(cxr_dir: Path, cls: str) -> list[Path]:
 def registered(
     tiny_bundles: Any, cxr_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, Database]]:
-    """The tiny bundle with a real validation split, registered with ``export=True``."""
+    """The tiny bundle with a real validation split (paths relative to the dataset root),
+    registered by ``model register --data DIR``, which exports it."""
     tmp = tmp_path_factory.mktemp("runtimes")
     source = tmp / "source"
     shutil.copytree(tiny_bundles.v1, source)
     val = [
-        *[p.name for p in _class_files(cxr_dir, "NORMAL")[:PER_CLASS_VAL]],
-        *[p.name for p in _class_files(cxr_dir, "PNEUMONIA")[:PER_CLASS_VAL]],
+        *[f"NORMAL/{p.name}" for p in _class_files(cxr_dir, "NORMAL")[:PER_CLASS_VAL]],
+        *[f"PNEUMONIA/{p.name}" for p in _class_files(cxr_dir, "PNEUMONIA")[:PER_CLASS_VAL]],
     ]
-    meta = json.loads((source / "metadata.json").read_text())
-    meta["data"] = {"folder": str(cxr_dir), "split_file": "split.json"}
-    (source / "metadata.json").write_text(json.dumps(meta))
     (source / "split.json").write_text(json.dumps({"val": val}))
+    config = tmp / "config.toml"
+    config.write_text('[database]\nurl = "sqlite:///pacs.sqlite3"\n[model]\ndir = "models"\n')
     url = f"sqlite:///{tmp / 'pacs.sqlite3'}"
     migrate.upgrade(url)
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "pacs_classifier", "--config", str(config)),
+            *("model", "register", str(source), "--data", str(cxr_dir)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "synthetic" not in proc.stderr
     db = Database(url)
     try:
-        row = register_bundle(db, source, tmp / "models", actor="test", export=True)
-        yield Path(row.path), db
+        yield tmp / "models" / "tiny-v1", db
     finally:
         db.dispose()
 
@@ -88,7 +100,7 @@ def _real_batch(cxr_dir: Path, n: int = 4) -> npt.NDArray[np.float32]:
 
 
 def test_registration_exports_and_records_parity(
-    registered: tuple[Path, Database], tiny_bundles: Any
+    registered: tuple[Path, Database], cxr_dir: Path
 ) -> None:
     path, db = registered
     record = _record(path)
@@ -96,6 +108,7 @@ def test_registration_exports_and_records_parity(
     assert record["bundle_sha256"] == info.sha256
     assert record["parity_inputs"]["source"] == "validation"
     assert record["parity_inputs"]["count"] == 2 * PER_CLASS_VAL
+    assert record["parity_inputs"]["data_root"] == str(cxr_dir)
     assert set(record["runtimes"]) == {"onnx", "tflite-int8"}
     for name, entry in record["runtimes"].items():
         assert "error" not in entry, name
@@ -115,6 +128,7 @@ def test_registration_exports_and_records_parity(
         ).scalar_one()
         assert event.detail["runtimes"]["auto"] == record["auto"]
         assert event.detail["runtimes"]["onnx"] is True
+        assert event.detail["runtimes"]["parity_inputs"] == "validation"
 
 
 def test_onnx_matches_keras_on_other_real_images(
@@ -233,9 +247,10 @@ def test_failed_export_is_recorded_not_raised(
     assert entry["usable"] is False
     assert entry["error"] == "ValueError: unsupported op Foo"
     assert record["auto"] == "keras"
-    # No data folder in this bundle: the documented synthetic set stood in.
+    # No dataset root given: the documented synthetic set stood in, and the record says why.
     assert record["parity_inputs"]["source"] == "synthetic"
     assert record["parity_inputs"]["count"] == 32
+    assert "no dataset root given (model register --data DIR" in record["parity_inputs"]["why"]
     with pytest.raises(ModelError, match="not usable: ValueError: unsupported op Foo"):
         load_predictor(bundle, "onnx")
     assert load_predictor(bundle, "auto").runtime == "keras"
@@ -247,6 +262,32 @@ def test_parity_inputs_fallback_is_synthetic_and_in_range(tiny_bundles: Any) -> 
     assert inputs.x.shape == (32, 75, 75, 3) and inputs.x.dtype == np.float32
     assert inputs.x.min() >= -1 and inputs.x.max() <= 1
     assert np.array_equal(inputs.x[..., 0], inputs.x[..., 2])  # grey, as normalize_file
+
+
+def test_parity_inputs_come_from_the_given_dataset_root_only(
+    tiny_bundles: Any, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """The folder a bundle records is where it was trained, not where the data is here."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles.v1, bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    meta["data"] = {"folder": str(cxr_dir)}  # as a bundle trained on this machine records
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    names = {c: [p.name for p in _class_files(cxr_dir, c)[:3]] for c in ("NORMAL", "PNEUMONIA")}
+    legacy = names["NORMAL"][:1]  # a bare name, as bundles before relative paths wrote
+    relative = [f"{c}/{n}" for c, ns in names.items() for n in ns if n not in legacy]
+    (bundle / "split.json").write_text(json.dumps({"val": [*legacy, *relative]}))
+    info = read_bundle(bundle)
+    assert parity_inputs(info).source["source"] == "synthetic"
+    inputs = parity_inputs(info, data_root=cxr_dir)
+    assert inputs.source["source"] == "validation" and inputs.source["count"] == 6
+    assert inputs.labels is not None and sorted(inputs.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    elsewhere = parity_inputs(info, data_root=tmp_path)
+    assert elsewhere.source["source"] == "synthetic"
+    assert str(tmp_path) in elsewhere.source["why"]
+    (bundle / "split.json").write_text(json.dumps({"val": ["../../etc/passwd"]}))
+    escape = parity_inputs(read_bundle(bundle), data_root=cxr_dir)
+    assert "is not a path inside the dataset root" in escape.source["why"]
 
 
 def test_parity_criteria() -> None:

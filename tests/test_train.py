@@ -9,14 +9,14 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pytest
 
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle
+from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle, split_images
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
 from pacs_classifier.train.model import BaseWeights, build_base
 from pacs_classifier.train.trainer import TrainOptions, train
@@ -51,6 +51,15 @@ def _opts(data: Path, out: Path, **kw: object) -> TrainOptions:
     }
     base.update(kw)
     return TrainOptions(**base)  # type: ignore[arg-type]
+
+
+def _val_folder(bundle: Path, data: Path, dest: Path) -> Path:
+    """A labelled folder holding only the bundle's validation images."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (dest / cls).mkdir(parents=True)
+    for path, label in split_images(read_bundle(bundle), data):
+        shutil.copy(path, dest / ("NORMAL", "PNEUMONIA")[label] / path.name)
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -170,22 +179,28 @@ def test_phase2_trains_only_the_unfrozen_blocks_and_keeps_batchnorm_statistics(
     assert changed_above > 0, "no weight of the unfrozen blocks changed in phase 2"
 
 
-def test_bundle_metadata_and_plots(tiny_bundle: Path) -> None:
+def test_bundle_metadata_and_plots(tiny_bundle: Path, tiny_data: Path) -> None:
     info = read_bundle(tiny_bundle)
     meta = info.metadata
     assert info.version == "tiny-1"
-    assert meta["image_size"] == SIZE
-    assert set(meta["metrics"]) >= {"phase1", "phase1_chosen", "final"}
-    assert 0 < meta["threshold"]["value"] < 1
-    assert "sensitivity" in meta["threshold"]["rule"]
-    assert meta["calibration"]["temperature"] > 0
+    assert meta.image_size == SIZE
+    assert meta.metrics.phase1 and meta.metrics.phase1_chosen is not None
+    assert 0 < meta.threshold.value < 1
+    assert meta.threshold.rule is not None and "sensitivity" in meta.threshold.rule
+    assert meta.threshold.target_sensitivity == 0.97
+    assert meta.calibration.temperature > 0
     split = json.loads((tiny_bundle / "split.json").read_text())
-    assert not {patient_group(n) for n in split["train"]} & {patient_group(n) for n in split["val"]}
+    train_groups = {patient_group(PurePosixPath(n).name) for n in split["train"]}
+    assert not train_groups & {patient_group(PurePosixPath(n).name) for n in split["val"]}
+    # paths relative to the dataset root; the recorded folder is only informational
+    assert split["val"][0].split("/")[0] in ("NORMAL", "PNEUMONIA")
+    assert meta.data is not None and meta.data.folder == str(tiny_data.resolve())
+    assert len(split_images(info, tiny_data)) == len(split["val"]) == meta.metrics.final.n
     for plot in ("training_curves", "roc", "precision_recall", "confusion_matrix", "calibration"):
         assert (tiny_bundle / "plots" / f"{plot}.png").stat().st_size > 1000
-    final = meta["metrics"]["final"]
+    final = meta.metrics.final
     # the threshold rule holds on validation
-    assert final["sensitivity"] >= 0.97
+    assert final.sensitivity is not None and final.sensitivity >= 0.97
 
 
 def test_evaluate_reproduces_the_recorded_validation_metrics(
@@ -193,19 +208,13 @@ def test_evaluate_reproduces_the_recorded_validation_metrics(
 ) -> None:
     from pacs_classifier.train.evaluate import evaluate_bundle
 
-    split = json.loads((tiny_bundle / "split.json").read_text())
-    val_dir = tmp_path / "val"
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (val_dir / cls).mkdir(parents=True)
-        for path in (tiny_data / cls).iterdir():
-            if path.name in split["val"]:
-                shutil.copy(path, val_dir / cls / path.name)
+    val_dir = _val_folder(tiny_bundle, tiny_data, tmp_path / "val")
     ev = evaluate_bundle(tiny_bundle, val_dir, tmp_path / "eval", progress=False)
-    recorded = read_bundle(tiny_bundle).metadata["metrics"]["final"]
-    assert ev.metrics["n"] == recorded["n"]
-    assert ev.metrics["confusion"] == recorded["confusion"]
-    assert ev.metrics["auc"] == pytest.approx(recorded["auc"], abs=1e-6)
-    assert ev.metrics["brier"] == pytest.approx(recorded["brier"], abs=1e-5)
+    recorded = read_bundle(tiny_bundle).metadata.metrics.final
+    assert ev.metrics["n"] == recorded.n
+    assert ev.metrics["confusion"] == recorded.confusion
+    assert ev.metrics["auc"] == pytest.approx(recorded.auc, abs=1e-6)
+    assert ev.metrics["brier"] == pytest.approx(recorded.brier, abs=1e-5)
 
 
 # ------------------------------------------------------------------ bad inputs
@@ -294,7 +303,7 @@ def test_wrong_weights_file_fails_with_one_line(tmp_path: Path, tiny_data: Path)
 
 
 def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
-    tiny_bundle: Path, tmp_path: Path
+    tiny_bundle: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "recal"
     proc = subprocess.run(
@@ -306,6 +315,8 @@ def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
             str(out),
             "--method",
             "platt",
+            "--data",
+            str(tiny_data),
         ],
         capture_output=True,
         text=True,
@@ -315,26 +326,18 @@ def test_recalibrate_script_derives_a_platt_bundle_with_the_same_model(
     assert proc.returncode == 0, proc.stderr[-2000:]
     old, new = read_bundle(tiny_bundle), read_bundle(out)
     assert new.version == "tiny-1-platt"
-    assert new.metadata["files"] == old.metadata["files"]  # the model itself is untouched
-    assert new.metadata["derived_from"]["version"] == "tiny-1"
-    assert new.metadata["calibration"]["method"].startswith("Platt")
-    final = new.metadata["metrics"]["final"]
-    assert final["auc"] == pytest.approx(old.metadata["metrics"]["final"]["auc"])
-    assert final["sensitivity"] >= 0.97
+    assert new.metadata.files == old.metadata.files  # the model itself is untouched
+    assert new.metadata.derived_from is not None
+    assert new.metadata.derived_from.version == "tiny-1"
+    assert (new.metadata.calibration.method or "").startswith("Platt")
+    final = new.metadata.metrics.final
+    assert final.auc == pytest.approx(old.metadata.metrics.final.auc)
+    assert final.sensitivity is not None and final.sensitivity >= 0.97
+    assert new.metadata.metrics.final_before_recalibration == old.metadata.metrics.final
     assert (out / "plots" / "calibration.png").is_file()
 
 
 # ------------------------------------------------------------------ shift-robust training
-
-
-def _val_folder(bundle: Path, data: Path, dest: Path) -> Path:
-    split = json.loads((bundle / "split.json").read_text())
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (dest / cls).mkdir(parents=True)
-        for path in (data / cls).iterdir():
-            if path.name in split["val"]:
-                shutil.copy(path, dest / cls / path.name)
-    return dest
 
 
 def test_shift_robust_training_records_cross_validation_and_stress_suite(
@@ -357,24 +360,28 @@ def test_shift_robust_training_records_cross_validation_and_stress_suite(
     )
     info = read_bundle(out)
     meta = info.metadata
-    assert "equalisation" in meta["preprocessing"]["intensity"]
+    assert meta.preprocessing is not None and meta.preprocessing.intensity is not None
+    assert "equalisation" in meta.preprocessing.intensity
     assert load_keras_model(info).get_layer("equalize") is not None
-    assert "pooled" in meta["calibration"]["fitted_on"]
-    assert meta["threshold"]["chosen_on"] == meta["calibration"]["fitted_on"]
-    cv = meta["cross_validation"]
+    assert "pooled" in (meta.calibration.fitted_on or "")
+    assert meta.threshold.chosen_on == meta.calibration.fitted_on
+    final = meta.metrics.final
+    assert final.fit_pool is not None and final.fit_pool.n > (final.n or 0)
+    cv = meta.cross_validation
+    assert cv is not None
     assert cv["folds"] == 3 and len(cv["per_fold"]) == 3
     assert sum(f["n"] for f in cv["per_fold"]) == 32  # every image out of fold once
     auc = cv["summary"]["auc"]
     assert auc["min"] <= auc["mean"] <= auc["max"]
-    stress = meta["stress"]
+    stress = meta.stress
+    assert stress is not None
     assert set(stress["shifts"]) == {"clean", *SHIFT_NAMES}
-    assert stress["threshold"] == meta["threshold"]["value"]
-    assert stress["n"] == meta["metrics"]["final"]["n"]
+    assert stress["threshold"] == meta.threshold.value
+    assert stress["n"] == final.n
     worst_spec = min(r["specificity"] for k, r in stress["shifts"].items() if k != "clean")
     assert stress["worst"]["specificity"]["value"] == worst_spec
     # The clean row is the recorded validation; evaluate --stress reproduces the suite.
-    final = meta["metrics"]["final"]
-    assert stress["shifts"]["clean"]["specificity"] == final["specificity"]
+    assert stress["shifts"]["clean"]["specificity"] == final.specificity
     val = _val_folder(out, tiny_data, tmp_path / "val")
     ev = evaluate_bundle(out, val, tmp_path / "eval", progress=False, stress=True)
     assert ev.metrics["runtime"] == "keras"

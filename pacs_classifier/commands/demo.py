@@ -222,10 +222,11 @@ class Demo:
                 progress=False,
             )
         )
-        final = result.metrics.get("final", {})
+        final = result.final
+        auc = final.auc if final.auc is not None else float("nan")
         print(
             f"trained {result.version} in {time.monotonic() - t0:.0f} s -> {result.out}\n"
-            f"validation AUC {final.get('auc', float('nan')):.2f} on {final.get('n', '?')} "
+            f"validation AUC {auc:.2f} on {final.n if final.n is not None else '?'} "
             "held-out images (a handful: this shows the path, it measures nothing)"
         )
         return result.out

@@ -26,6 +26,14 @@ def register(sub: Any) -> None:
     )
     reg.add_argument("--activate", action="store_true", help="make it the active model")
     reg.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="labelled dataset root (NORMAL/, PNEUMONIA/) the bundle's split.json is "
+        "relative to: the export's parity check runs on its validation images "
+        "(default: [model] data_root; without either, on synthetic inputs)",
+    )
+    reg.add_argument(
         "--no-export",
         action="store_true",
         help="skip exporting to ONNX / int8 TFLite (each is kept only if it "
@@ -52,6 +60,10 @@ def run_register(args: argparse.Namespace) -> int:
     bundle = REFERENCE_MODEL_DIR if args.reference else args.dir
     app = load_app(args)
     try:
+        data_root = args.data or app.config.model_data_root
+        if data_root is not None and not args.no_export and not data_root.is_dir():
+            source = "--data" if args.data else "model.data_root"
+            raise PermanentError(f"{source} {data_root}: not a folder")
         row = register_bundle(
             app.checked_db(),
             bundle,
@@ -59,6 +71,7 @@ def run_register(args: argparse.Namespace) -> int:
             actor=actor(),
             activate=args.activate,
             export=not args.no_export,
+            data_root=data_root,
         )
     finally:
         app.close()

@@ -138,11 +138,15 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result = train(opts)
-    final = result.metrics["final"]
+    final = result.final
     print(f"bundle {result.version} written to {result.out}")
     print(
-        f"validation: AUC {final['auc']:.4f}  sensitivity {final['sensitivity']:.3f}  "
-        f"specificity {final['specificity']:.3f}  precision {final['precision']:.3f}  "
-        f"F1 {final['f1']:.3f}  threshold {final['threshold']:.4f}"
+        f"validation: AUC {_num(final.auc, 4)}  sensitivity {_num(final.sensitivity)}  "
+        f"specificity {_num(final.specificity)}  precision {_num(final.precision)}  "
+        f"F1 {_num(final.f1)}  threshold {result.metadata.threshold.value:.4f}"
     )
     return 0
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -13,12 +13,14 @@ only when it agrees with Keras:
 - int8: identical labels (at the bundle's threshold) on ≥ 99.5 % of the images and
   AUC within 0.002 of Keras's.
 
-Parity inputs are the bundle's validation images (``metadata["data"]["folder"]`` and the
-``val`` names of ``split.json``, normalised with ``normalize_file``), at most
-``max_images`` spread evenly over the sorted list. Without them, :func:`synthetic_inputs`
-is used: its AUC is then taken against Keras's own labels (so Keras's AUC is 1 and the
-check asks whether int8 ranks the images on the same side of the threshold); when Keras
-gives one label only, the AUC is undefined and recorded as such.
+Parity inputs are the bundle's validation images: the ``val`` entries of ``split.json``,
+relative to the dataset root the caller gives (``data_root``: ``model register --data DIR``
+or ``[model] data_root``; the folder recorded in ``metadata.json`` is informational and
+never read), normalised with ``normalize_file``, at most ``max_images`` spread evenly over
+the sorted list. Without them, :func:`synthetic_inputs` is used, with a warning saying
+why: its AUC is then taken against Keras's own labels (so Keras's AUC is 1 and the check
+asks whether int8 ranks the images on the same side of the threshold); when Keras gives
+one label only, the AUC is undefined and recorded as such.
 
 The numbers, each file's SHA-256, and the images/s each runtime reached on the parity
 inputs (batches of 8, after one warm-up batch) go to ``runtimes.json``; ``metadata.json``
@@ -44,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.errors import ModelError, NotAssessable
-from pacs_classifier.model.bundle import CLASS_NAMES, BundleInfo, read_bundle, sha256_file
+from pacs_classifier.model.bundle import BundleInfo, read_bundle, sha256_file, split_images
 from pacs_classifier.model.metrics import roc_auc
 from pacs_classifier.model.runtime import (
     EXPORTED_FILES,
@@ -88,11 +90,14 @@ def export_runtimes(
     runtimes: Sequence[str] = tuple(EXPORTED_FILES),
     threads: int | None = None,
     force: bool = False,
+    data_root: Path | None = None,
 ) -> dict[str, Any]:
     """Export, check and record the faster runtimes of a (registered) bundle folder.
 
-    Returns the record written to ``runtimes.json``. An up-to-date record whose files still
-    match their checksums is kept as it is unless ``force``.
+    ``data_root`` is the labelled dataset the bundle's ``split.json`` is relative to; its
+    validation images are the parity inputs (synthetic ones without it). Returns the record
+    written to ``runtimes.json``. An up-to-date record whose files still match their
+    checksums is kept as it is unless ``force``.
     """
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(bundle)
     unknown = sorted(set(runtimes) - set(EXPORTED_FILES))
@@ -107,7 +112,7 @@ def export_runtimes(
         ", ".join(runtimes),
     )
     keras_pred = KerasPredictor(info)
-    inputs = parity_inputs(info, max_images)
+    inputs = parity_inputs(info, max_images, data_root=data_root)
     log.info("Keras reference on %d parity images", len(inputs.x))
     ref, keras_speed = _timed_predict(keras_pred, inputs.x)
     record: dict[str, Any] = {
@@ -148,13 +153,12 @@ def export_runtimes(
     return record
 
 
-def parity_inputs(info: BundleInfo, max_images: int = 300) -> ParityInputs:
-    """The bundle's validation images when they can be read, else the synthetic set."""
-    found = _validation_files(info)
-    if found:
-        files, why = found, ""
-    else:
-        files, why = [], "no data folder or split.json with 'val' entries"
+def parity_inputs(
+    info: BundleInfo, max_images: int = 300, *, data_root: Path | None = None
+) -> ParityInputs:
+    """The bundle's validation images under ``data_root`` when they can be read, else the
+    synthetic set."""
+    files, why = _validation_files(info, data_root)
     if files:
         picked = _spread(files, max_images)
         x, labels, skipped = _normalise(picked, info.image_size)
@@ -164,7 +168,7 @@ def parity_inputs(info: BundleInfo, max_images: int = 300) -> ParityInputs:
                 np.asarray(labels, dtype=np.int64),
                 {
                     "source": "validation",
-                    "folder": str(info.metadata["data"]["folder"]),
+                    "data_root": str(data_root),
                     "val_images": len(files),
                     "max_images": max_images,
                     "count": len(x),
@@ -347,25 +351,20 @@ def _timed_predict(
     return np.concatenate(out), speed
 
 
-def _validation_files(info: BundleInfo) -> list[tuple[Path, int]]:
-    """(path, label) of every validation image named by the bundle that exists here."""
-    folder = info.metadata.get("data", {}).get("folder")
-    split_file = info.path / str(info.metadata.get("data", {}).get("split_file", "split.json"))
-    if not folder or not split_file.is_file():
-        return []
+def _validation_files(
+    info: BundleInfo, data_root: Path | None
+) -> tuple[list[tuple[Path, int]], str]:
+    """(path, label) of every validation image of the bundle found under ``data_root``, or
+    no files and why not."""
+    if data_root is None:
+        return [], "no dataset root given (model register --data DIR, or [model] data_root)"
     try:
-        names = json.loads(split_file.read_text(encoding="utf-8")).get("val", [])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        log.warning("%s: unreadable split file: %s", split_file, exc)
-        return []
-    found = []
-    for name in sorted(str(n) for n in names):
-        for label, cls in enumerate(CLASS_NAMES):
-            path = Path(folder) / cls / name
-            if path.is_file():
-                found.append((path, label))
-                break
-    return found
+        found = split_images(info, data_root, "val")
+    except ModelError as exc:
+        return [], str(exc)
+    if not found:
+        return [], f"none of the bundle's validation images is under {data_root}"
+    return found, ""
 
 
 def _spread(items: Sequence[tuple[Path, int]], n: int) -> list[tuple[Path, int]]:

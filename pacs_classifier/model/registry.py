@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,14 @@ def register_bundle(
     actor: str,
     activate: bool = False,
     export: bool = False,
+    data_root: Path | None = None,
 ) -> Model:
     """Check ``source``, copy it to ``model_dir/<version>`` and record it.
 
     With ``export``, the copy is also exported to the faster runtimes that pass their parity
-    check (:mod:`pacs_classifier.model.export`, a minute or two per model); a failure there
-    is logged and audited, and the model is registered for Keras regardless.
+    check (:mod:`pacs_classifier.model.export`, a minute or two per model) on the bundle's
+    validation images under ``data_root`` (synthetic inputs without it); a failure there is
+    logged and audited, and the model is registered for Keras regardless.
     """
     # DEBUG, not INFO: a bundle that fails its check must leave one line on stderr.
     log.debug("checking the bundle in %s", source)
@@ -59,7 +60,7 @@ def register_bundle(
             return existing
     dest = _install(info, model_dir)
     log.info("model %s copied to %s", info.version, dest)
-    runtimes = _export_runtimes(dest) if export else None
+    runtimes = _export_runtimes(dest, data_root) if export else None
     try:
         with db.session() as session:
             row = Model(
@@ -68,8 +69,8 @@ def register_bundle(
                 sha256=info.sha256,
                 threshold=info.threshold,
                 image_size=info.image_size,
-                metrics=dict(info.metadata.get("metrics", {}).get("final", {})),
-                created_at=_parse_time(info.created_at),
+                metrics=info.metadata.metrics.final.to_json(),
+                created_at=info.created_at,
                 registered_at=utcnow(),
                 active=False,
             )
@@ -97,17 +98,18 @@ def register_bundle(
         raise
 
 
-def _export_runtimes(dest: Path) -> dict[str, Any]:
+def _export_runtimes(dest: Path, data_root: Path | None) -> dict[str, Any]:
     """Export the registered copy; a summary for the audit trail. Never raises."""
     from pacs_classifier.model.export import export_runtimes
 
     try:
-        record = export_runtimes(dest)
+        record = export_runtimes(dest, data_root=data_root)
     except Exception as exc:  # serving falls back to Keras; the failure is recorded
         log.exception("runtime export of %s failed", dest)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     summary: dict[str, Any] = {n: e["usable"] for n, e in record["runtimes"].items()}
     summary["auto"] = record["auto"]
+    summary["parity_inputs"] = record["parity_inputs"]["source"]
     return summary
 
 
@@ -171,13 +173,3 @@ def _install(info: BundleInfo, model_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def _parse_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ModelError(f"bad created_at in bundle metadata: {text!r}") from None
-    if value.tzinfo is None:
-        raise ModelError(f"created_at in bundle metadata has no time zone: {text!r}")
-    return value

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.model import metrics as mt
+from pacs_classifier.model.metadata import BundleMetadata
 
 
 def _plt() -> Any:
@@ -97,12 +98,12 @@ def write_evaluation_plots(
 
 
 def write_training_plots(
-    out_dir: Path, metadata: dict[str, Any], y_val: npt.ArrayLike, p_val: npt.ArrayLike
+    out_dir: Path, metadata: BundleMetadata, y_val: npt.ArrayLike, p_val: npt.ArrayLike
 ) -> list[Path]:
     """Per-phase training curves side by side, plus the validation plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = _plt()
-    history = metadata.get("history", {})
+    history = metadata.history or {}
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
     for col, phase in enumerate(("phase1", "phase2")):
         h = history.get(phase) or {}
@@ -116,7 +117,7 @@ def write_training_plots(
                 ax.legend()
     fig.tight_layout()
     written = [_save(fig, out_dir / "training_curves.png")]
-    threshold = float(metadata["threshold"]["value"])
+    threshold = metadata.threshold.value
     written += write_evaluation_plots(out_dir, y_val, p_val, threshold, title="(validation)")
     return written
 

@@ -22,7 +22,7 @@ import json
 import logging
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,24 @@ from pacs_classifier.errors import PermanentError
 from pacs_classifier.model import metrics as mt
 from pacs_classifier.model.bundle import (
     BASE_NAME,
-    BUNDLE_FORMAT,
     CLASS_NAMES,
     manifest_sha256,
     write_metadata,
     write_model_files,
+)
+from pacs_classifier.model.metadata import (
+    SPLIT_FILE,
+    Architecture,
+    BaseWeightsRecord,
+    BundleMetadata,
+    Calibration,
+    DataSummary,
+    FitPool,
+    Metrics,
+    Preprocessing,
+    SplitSummary,
+    Threshold,
+    ValidationMetrics,
 )
 from pacs_classifier.model.runtime import calibrate
 from pacs_classifier.train.data import (
@@ -107,11 +120,19 @@ class TrainOptions:
     workers: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
     out: Path
-    version: str
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: BundleMetadata
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    @property
+    def final(self) -> ValidationMetrics:
+        """Validation metrics of the model as stored."""
+        return self.metadata.metrics.final
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -138,17 +159,18 @@ def train(opts: TrainOptions) -> TrainResult:
     # ---- phase 1: head on cached features of the frozen base
     candidates = AUTO_CUT_CANDIDATES if opts.base_cut == "auto" else (opts.base_cut,)
     feats_train, feats_val = _pooled_features(full_base, candidates, x_train, x_val, opts)
-    phase1: dict[str, dict[str, Any]] = {}
+    phase1: dict[str, ValidationMetrics] = {}
+    phase1_history: dict[str, dict[str, list[float]]] = {}
     heads: dict[str, Any] = {}
     for block in candidates:
-        head, history, p_val = _train_head(
+        head, phase1_history[block], p_val = _train_head(
             feats_train[block], y_train, feats_val[block], y_val, class_weight, opts
         )
         thr = mt.threshold_for_sensitivity(y_val, p_val, opts.target_sensitivity)
-        phase1[block] = {"val": mt.point_metrics(y_val, p_val, thr), "history": history}
+        phase1[block] = _validation_metrics(mt.point_metrics(y_val, p_val, thr))
         heads[block] = head
-        log.info("phase 1, base cut %s: validation AUC %.4f", block, phase1[block]["val"]["auc"])
-    chosen_cut = max(candidates, key=lambda b: phase1[b]["val"]["auc"])
+        log.info("phase 1, base cut %s: validation AUC %.4f", block, phase1[block].auc)
+    chosen_cut = max(candidates, key=lambda b: _or_nan(phase1[b].auc))
     cross_validation = (
         cross_validate_heads(
             [*split.train, *split.val],
@@ -178,72 +200,71 @@ def train(opts: TrainOptions) -> TrainResult:
     point, p_val, final, stress = _operating_point(model, split, x_val, y_val, opts)
     log.info(
         "phase 2: validation AUC %.4f, sensitivity %.3f, specificity %.3f at %.3f (ECE %.3f)",
-        final["auc"],
-        final["sensitivity"],
-        final["specificity"],
-        point.threshold["value"],
-        final["ece"],
+        final.auc,
+        final.sensitivity,
+        final.specificity,
+        point.threshold.value,
+        final.ece,
     )
 
     created = datetime.now(UTC)
     files = write_model_files(model, opts.out)
     version = opts.version or f"{created:%Y%m%d-%H%M%S}-{manifest_sha256(files)[:8]}"
-    _write_split(opts.out, split)
-    metadata: dict[str, Any] = {
-        "bundle_format": BUNDLE_FORMAT,
-        "version": version,
-        "created_at": created.isoformat(),
-        "image_size": opts.image_size,
-        "class_names": list(CLASS_NAMES),
-        "positive_class": "PNEUMONIA",
-        "preprocessing": {
-            "function": "pacs_classifier.preprocess.normalize_file",
-            "output_range": [-1.0, 1.0],
-            "channels": 3,
-            "resize": "aspect-preserving, centred, padded with black",
-            "base_input_range": opts.base_input_range,
-            "intensity": INTENSITY_DESCRIPTIONS[opts.intensity],
-        },
-        "threshold": point.threshold,
-        "calibration": point.calibration,
-        "architecture": {
-            "base": "InceptionV3",
-            "base_cut": chosen_cut,
-            "base_cut_candidates": list(candidates),
-            "unfreeze_from": opts.unfreeze_from,
-            "head": f"global average pooling, dropout {opts.dropout}, dense sigmoid",
-            "phase2_trained_layers": len(trained_layers),
-            "weights_dtype": "float16",
-        },
-        "base_weights": weights.describe(),
-        "data": {
-            "folder": str(opts.data.resolve()),
-            "total": _counts(samples),
-            "split": split.summary(),
-            "split_file": "split.json",
-            "val_fraction": opts.val_fraction,
-        },
-        "training": {
+    _write_split(opts.out, split, opts.data)
+    metadata = BundleMetadata(
+        version=version,
+        created_at=created,
+        image_size=opts.image_size,
+        class_names=CLASS_NAMES,
+        positive_class="PNEUMONIA",
+        preprocessing=Preprocessing(
+            function="pacs_classifier.preprocess.normalize_file",
+            output_range=(-1.0, 1.0),
+            channels=3,
+            resize="aspect-preserving, centred, padded with black",
+            base_input_range=opts.base_input_range,
+            intensity=INTENSITY_DESCRIPTIONS[opts.intensity],
+        ),
+        threshold=point.threshold,
+        calibration=point.calibration,
+        architecture=Architecture(
+            base="InceptionV3",
+            base_cut=chosen_cut,
+            base_cut_candidates=tuple(candidates),
+            unfreeze_from=opts.unfreeze_from,
+            head=f"global average pooling, dropout {opts.dropout}, dense sigmoid",
+            phase2_trained_layers=len(trained_layers),
+            weights_dtype="float16",
+        ),
+        base_weights=BaseWeightsRecord.from_json(weights.describe(), "base_weights"),
+        data=DataSummary(
+            folder=str(opts.data.resolve()),
+            total=_counts(samples),
+            split=SplitSummary.from_json(split.summary(), "data.split"),
+            split_file=SPLIT_FILE,
+            val_fraction=opts.val_fraction,
+        ),
+        training={
             k: v for k, v in asdict(opts).items() if k not in ("data", "out", "progress", "workers")
         },
-        "metrics": {
-            "phase1": {b: phase1[b]["val"] for b in candidates},
-            "phase1_chosen": phase1[chosen_cut]["val"],
-            "final": final,
-        },
-        "history": {"phase1": phase1[chosen_cut]["history"], "phase2": history2},
-        "cross_validation": cross_validation,
-        "stress": stress,
-        "seed": opts.seed,
-        "library_versions": _versions(),
-        "files": files,
-    }
+        metrics=Metrics(
+            phase1=phase1,
+            phase1_chosen=phase1[chosen_cut],
+            final=final,
+        ),
+        history={"phase1": phase1_history[chosen_cut], "phase2": history2},
+        cross_validation=cross_validation,
+        stress=stress,
+        seed=opts.seed,
+        library_versions=_versions(),
+        files=files,
+    )
     write_metadata(opts.out, metadata)
     from pacs_classifier.train.plots import write_training_plots
 
     write_training_plots(opts.out / "plots", metadata, y_val, p_val)
     write_metadata(opts.out, metadata)  # plots do not change the model files' checksums
-    return TrainResult(opts.out, version, metadata["metrics"])
+    return TrainResult(opts.out, metadata)
 
 
 def _operating_point(
@@ -252,7 +273,7 @@ def _operating_point(
     x_val: Any,
     y_val: npt.NDArray[np.float32],
     opts: TrainOptions,
-) -> tuple[OperatingPoint, npt.NDArray[np.float64], dict[str, Any], dict[str, Any] | None]:
+) -> tuple[OperatingPoint, npt.NDArray[np.float64], ValidationMetrics, dict[str, Any] | None]:
     """Stress-suite predictions, then calibration and threshold on what ``calibrate_on``
     names, then the validation metrics and the stress report at that threshold."""
     stress_raw: dict[str, npt.NDArray[np.float64]] = {}
@@ -273,19 +294,25 @@ def _operating_point(
     point = fit_operating_point(
         fit_y, fit_p, opts.calibration, opts.target_sensitivity, seed=opts.seed
     )
-    temperature, bias = point.calibration["temperature"], point.calibration["bias"]
-    threshold = point.threshold["value"]
+    temperature, bias = point.calibration.temperature, point.calibration.bias
+    threshold = point.threshold.value
     p_val = calibrate(p_val_raw, temperature, bias)
-    final = mt.point_metrics(y_val, p_val, threshold)
-    final["ci95"] = mt.bootstrap_intervals(y_val, p_val, threshold, seed=opts.seed)
-    final["ece_uncalibrated"] = mt.expected_calibration_error(y_val, p_val_raw)
+    final = _validation_metrics(
+        mt.point_metrics(y_val, p_val, threshold),
+        ci95=mt.bootstrap_intervals(y_val, p_val, threshold, seed=opts.seed),
+        ece_uncalibrated=mt.expected_calibration_error(y_val, p_val_raw),
+    )
     if opts.calibrate_on != "validation":
         where = (
             "validation (patient-level split) pooled with its trained-in stress-suite "
             f"shifts ({', '.join(trained_in)})"
         )
-        point.calibration["fitted_on"] = point.threshold["chosen_on"] = where
-        final["fit_pool"] = {"n": len(fit_y), "metrics": point.metrics}
+        point = replace(
+            point,
+            calibration=replace(point.calibration, fitted_on=where),
+            threshold=replace(point.threshold, chosen_on=where),
+        )
+        final = replace(final, fit_pool=FitPool(n=len(fit_y), metrics=point.metrics))
     stress = None
     if opts.stress:
         calibrated = {k: calibrate(v, temperature, bias) for k, v in stress_raw.items()}
@@ -301,9 +328,9 @@ CALIBRATIONS = ("temperature", "platt")
 class OperatingPoint:
     """Calibration and threshold fitted on validation, with the metrics they give there."""
 
-    calibration: dict[str, Any]
-    threshold: dict[str, Any]
-    metrics: dict[str, Any]
+    calibration: Calibration
+    threshold: Threshold
+    metrics: ValidationMetrics
     p_val: npt.NDArray[np.float64]
 
 
@@ -330,28 +357,38 @@ def fit_operating_point(
         temperature, bias = mt.fit_temperature(y_val, p_val_raw), 0.0
     p_val = calibrate(p_val_raw, temperature, bias)
     threshold = mt.threshold_for_sensitivity(y_val, p_val, target_sensitivity)
-    final = mt.point_metrics(y_val, p_val, threshold)
-    final["ci95"] = mt.bootstrap_intervals(y_val, p_val, threshold, seed=seed)
-    final["ece_uncalibrated"] = mt.expected_calibration_error(y_val, p_val_raw)
     return OperatingPoint(
-        calibration={
-            "method": "temperature scaling"
+        calibration=Calibration(
+            method="temperature scaling"
             if method == "temperature"
             else "Platt scaling (temperature and bias)",
-            "temperature": temperature,
-            "bias": bias,
-            "fitted_on": "validation (patient-level split)",
-        },
-        threshold={
-            "value": threshold,
-            "rule": THRESHOLD_RULE.format(target=target_sensitivity),
-            "target_sensitivity": target_sensitivity,
-            "chosen_on": "validation (patient-level split)",
-            "applies_to": "calibrated probability",
-        },
-        metrics=final,
+            temperature=temperature,
+            bias=bias,
+            fitted_on="validation (patient-level split)",
+        ),
+        threshold=Threshold(
+            value=threshold,
+            rule=THRESHOLD_RULE.format(target=target_sensitivity),
+            target_sensitivity=target_sensitivity,
+            chosen_on="validation (patient-level split)",
+            applies_to="calibrated probability",
+        ),
+        metrics=_validation_metrics(
+            mt.point_metrics(y_val, p_val, threshold),
+            ci95=mt.bootstrap_intervals(y_val, p_val, threshold, seed=seed),
+            ece_uncalibrated=mt.expected_calibration_error(y_val, p_val_raw),
+        ),
         p_val=p_val,
     )
+
+
+def _validation_metrics(point: dict[str, Any], **more: Any) -> ValidationMetrics:
+    """``model.metrics`` results (plain floats and dicts) as the bundle's typed record."""
+    return ValidationMetrics.from_json(point | more)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -723,13 +760,15 @@ def _predict(model: Any, x: Any, batch_size: int) -> npt.NDArray[np.float64]:
     return np.concatenate(out).astype(np.float64)
 
 
-def _write_split(out: Path, split: Split) -> None:
+def _write_split(out: Path, split: Split, data_root: Path) -> None:
+    """``split.json``: each side's images as POSIX paths relative to the dataset root
+    (``NORMAL/IM-0115-0001.jpeg``), so whoever has the data elsewhere can find them."""
     data = {
-        "train": sorted(s.path.name for s in split.train),
-        "val": sorted(s.path.name for s in split.val),
+        "train": sorted(s.path.relative_to(data_root).as_posix() for s in split.train),
+        "val": sorted(s.path.relative_to(data_root).as_posix() for s in split.val),
         "val_groups": sorted({s.group for s in split.val}),
     }
-    (out / "split.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    (out / SPLIT_FILE).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def _versions() -> dict[str, str]:
