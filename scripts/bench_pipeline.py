@@ -1,23 +1,24 @@
-"""End to end: dcmtk storescu → ``serve`` (listener + worker) → prediction rows, in one run.
+"""The pipeline in one run: ingest only, end to end, latency under load, stages, backfill.
 
-Starts ``pacs-classifier serve --roles listener,worker`` on SQLite in a temporary folder
-with a registered model, generates chest radiographs (CR, MONOCHROME2, 16-bit, CHEST, PA,
-``--size``² pixels, distinct SOP Instance UIDs) and sends them with dcmtk's ``storescu``
-(``TCP_NODELAY=1``). A few warm-up images go first (the worker loads the model on its
-first batch); then, from the database:
+Generates chest radiographs (CR, MONOCHROME2, 12 bits in 16, CHEST, PA, ``--size``²
+pixels, distinct SOP Instance UIDs), registers a model on SQLite in a temporary folder,
+sends with dcmtk's ``storescu`` (``TCP_NODELAY=1``) and reads the rest from the database:
 
-- *end to end images/s*: measured images / (last ``predictions.created_at`` − first
-  ``instances.received_at``);
-- *receive → result latency*: per instance, its first prediction's ``created_at`` minus
-  its ``received_at`` (the moment the listener committed it), p50 / p95 / max.
-
-Beside it, in the same run after ``serve`` has stopped, the raw inference images/s of the
-same bundle and runtime: ``load_predictor(...).predict`` on batches of the worker's
-``batch_size``, on tensors normalised from the generated files.
-
-Two modes: by default all images go on one association as fast as ``storescu`` sends
-them (the backlog case); ``--rate R`` sends one association per image at R images/s
-(steady load, where the p95 latency is the number to watch).
+1. *ingest only*: a listener-only ``serve`` (its own database) takes ``--count`` files on
+   one association: files/s of ``storescu`` (each C-STORE is answered after the commit);
+2. *end to end*: the default ``serve --roles listener,worker`` (one process per role,
+   under the supervisor) after a few warm-up images (the worker loads the model on its
+   first batch): the same number of files in a burst, images/s from the first
+   ``instances.received_at`` to the last ``predictions.created_at``, and its ratio to 1;
+3. *latency*: ``--steady-count`` images at 5 images/s and as many at 80 % of the ingest
+   rate (``--rate R``: one rate instead), one association per image, receive → first
+   prediction per instance, p50 / p95 / max;
+4. *stages*: the worker's stop line (time spent preparing batches on its decode pool,
+   inferring, recording) per image, and the RSS of each role process after the warm-up and
+   at the end;
+5. *backfill*: ``pacs-classifier reclassify --all`` over every stored instance (what the
+   nightly run does, and an archive backfill) against decode + normalise + inference of
+   the same files in one thread of this process, and the raw inference images/s.
 
 The model: ``--bundle PATH`` if given, else with ``--inception 299`` the full InceptionV3
 at 299² as ``bench_inference.py`` builds it, else the reference bundle at
@@ -26,8 +27,7 @@ spot (random weights; the speed of the plumbing, not of a real model). Runtimes 
 than ``keras`` need the export that registration can do: it runs here (with its parity
 check) unless ``--runtime keras``.
 
-    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --count 300
-    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --rate 5 --count 300
+    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --count 300 --steady-count 150
 """
 
 from __future__ import annotations
@@ -597,6 +597,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     serve = Serve(config, "listener,worker", work / "serve.log")
     phases: list[Phase] = []
     rss: dict[str, tuple[float, float]] = {}
+    after_load = "not measured"
     try:
         serve.wait_listening(port)
         if warm:  # the worker loads the model on its first batch: not part of the numbers
