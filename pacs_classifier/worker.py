@@ -2,8 +2,8 @@
 
 The *preparer* thread claims a batch (up to ``batch_size`` jobs, waiting at most
 ``max_batch_wait_ms`` for it to fill), and has a bounded pool of :func:`decode_threads`
-threads check eligibility and normalise the pixels of its files side by side (decoders and
-NumPy release the interpreter for most of their work); the *inferer* runs the model on the
+threads check eligibility and normalise the pixels of its files side by side (NumPy and the
+C decoders release the interpreter for part of their work); the *inferer* runs the model on the
 previous batch meanwhile and records the predictions. A bounded hand-over queue of one
 batch keeps leases short and memory flat under a burst: at most two batches are held
 beyond the one being inferred, whatever the backlog.

@@ -230,8 +230,15 @@ def test_a_role_that_cannot_start_stops_serve(tmp_path: Path, sqlite_url: str) -
         taken.bind(("127.0.0.1", config.listener.port))
         taken.listen()
         out = cli(cfg, "serve", "--roles", "listener,worker", timeout_s=120)
+        threads = cli(cfg, "serve", "--roles", "listener,worker", "--single-process")
     assert out.returncode == 2, out.stderr
     assert "role listener exited with status 2 while starting" in out.stderr
+    assert "role worker" not in out.stderr  # never started
+    # --single-process: the roles are threads of serve itself, no supervisor between.
+    assert threads.returncode == 2, threads.stderr
+    last = threads.stderr.strip().splitlines()[-1]
+    assert last.startswith("pacs-classifier: error: listener.host/port: cannot listen"), last
+    assert "_supervisor" not in threads.stderr
 
 
 def _running(db: Database) -> int:
