@@ -422,14 +422,22 @@ WORKER_STOPPED = re.compile(
 ROLE_STARTED = re.compile(r"role (\w+) (?:started|restarted) \(pid (\d+)\)")
 
 
+#: Associations a steady sender keeps open at most: below the listener's default
+#: ``max_associations`` (10), which refuses more with "Local Limit Exceeded".
+MAX_IN_FLIGHT = 6
+
+
 def send_steady(port: int, files: Sequence[Path], rate: float) -> float:
-    """One association per file, started every 1/``rate`` s; returns the achieved rate."""
+    """One association per file, started every 1/``rate`` s (later when
+    :data:`MAX_IN_FLIGHT` are still open); returns the achieved rate."""
     started = time.monotonic()
     running: list[subprocess.Popen[bytes]] = []
     for i, f in enumerate(files):
         delay = started + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        while len(running) >= MAX_IN_FLIGHT:
+            check_storescu(running.pop(0))
         running.append(storescu(port, [f], wait=False))
     for proc in running:
         check_storescu(proc)
