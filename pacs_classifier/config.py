@@ -171,6 +171,20 @@ class ResultsConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    """``[drift]``: when live traffic has moved too far from the model's validation."""
+
+    #: Population stability index of a version's week of scores against validation.
+    psi_alert: float = 0.25
+    #: Absolute difference between a week's positive rate and validation's.
+    positive_rate_alert: float = 0.15
+    #: Share of a week's ended classification jobs that ended not assessed.
+    not_assessed_alert: float = 0.10
+    #: Weeks with fewer predictions (or ended jobs) are reported but never alert.
+    min_count: int = 50
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -182,6 +196,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     #: Folder of the configuration file; relative paths are resolved against it.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
@@ -470,7 +485,7 @@ def _validate(c: Config) -> None:
     except (KeyError, ValueError, OSError):
         raise ConfigError(f"scheduler.timezone: unknown time zone {s.timezone!r}") from None
     need(s.misfire_grace_s >= 1, "scheduler.misfire_grace_s", "must be >= 1")
-    for section in (_validate_results, _validate_web, _validate_logging):
+    for section in (_validate_results, _validate_drift, _validate_web, _validate_logging):
         section(c, need)
 
 
@@ -491,6 +506,17 @@ def _validate_web(c: Config, need: typing.Callable[[bool, str, str], None]) -> N
     need(0 < c.web.port < 65536, "web.port", f"must be 1-65535, received {c.web.port}")
     need(c.web.session_minutes >= 1, "web.session_minutes", "must be >= 1")
     need(1 <= c.web.page_size <= 1000, "web.page_size", "must be 1-1000")
+
+
+def _validate_drift(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:
+    d = c.drift
+    need(d.psi_alert >= 0, "drift.psi_alert", f"must be >= 0 (0: off), received {d.psi_alert}")
+    for key, value in (
+        ("positive_rate_alert", d.positive_rate_alert),
+        ("not_assessed_alert", d.not_assessed_alert),
+    ):
+        need(0 <= value <= 1, f"drift.{key}", f"must be 0-1 (0: off), received {value}")
+    need(d.min_count >= 1, "drift.min_count", "must be >= 1")
 
 
 def _validate_results(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,6 +211,9 @@ class NightlyScheduler:
         self._standby_logged = False
         self._scheduler: Any = None
         self.is_leader = threading.Event()
+        #: Checks the leader runs once per UTC day (the drift check), beside the schedule.
+        self.daily: list[Callable[[], object]] = []
+        self._daily_done: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -251,6 +255,21 @@ class NightlyScheduler:
         if not self.lock.still_held():
             log.warning("scheduler: leadership lost; standing by")
             self._step_down()
+            return
+        self.run_daily()
+
+    def run_daily(self) -> None:
+        """Run the daily checks once per UTC day (again after a restart: they are
+        idempotent). A failing check is logged and tried again the next day."""
+        today = utcnow().date().isoformat()
+        if self._daily_done == today:
+            return
+        self._daily_done = today
+        for check in self.daily:
+            try:
+                check()
+            except Exception:
+                log.exception("scheduler: daily check %s failed", getattr(check, "__name__", check))
 
     def _start_apscheduler(self) -> None:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore

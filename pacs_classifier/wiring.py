@@ -151,10 +151,15 @@ class App:
         )
 
     def scheduler(self) -> NightlyScheduler:
-        """The nightly reclassification scheduler (``--roles scheduler``)."""
+        """The nightly reclassification scheduler (``--roles scheduler``); its leader
+        also runs the daily drift check."""
+        from pacs_classifier.report.drift import daily_check
         from pacs_classifier.scheduler import NightlyScheduler
 
-        return NightlyScheduler(self.checked_db(), self.config.scheduler)
+        db = self.checked_db()
+        scheduler = NightlyScheduler(db, self.config.scheduler)
+        scheduler.daily.append(daily_check(db, self.config))
+        return scheduler
 
     def results_worker(self) -> ResultsWorker:
         """Renders and sends result objects (``--roles sender``, ``demo``)."""

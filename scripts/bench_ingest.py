@@ -6,11 +6,17 @@ Ours runs as ``pacs-classifier serve --roles listener`` on SQLite and fsyncs and
 every instance before answering; the baselines write the bytes and nothing more.
 
     .venv/bin/python scripts/bench_ingest.py --count 60 --repeat 3
+
+``--receivers`` also takes ``ours-without-X[+Y]``: our listener with some of the pynetdicom
+replacements of ``receive/transport.py`` left out (X, Y among ``pdu-reader``,
+``receive-file``, ``lenient-uid``), to measure what each is worth; e.g.
+``--receivers minimal,ours,ours-without-pdu-reader,ours-without-receive-file``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -26,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from pacs_classifier.receive.transport import PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -146,7 +154,19 @@ def minimal_pynetdicom(work: Path, files: list[Path]) -> Run:
     return run_receiver(cmd, port, "MINIMAL", files)
 
 
-def ours(work: Path, files: list[Path]) -> Run:
+#: ``serve`` with some of transport.configure_pynetdicom's replacements left out.
+PARTIAL_LISTENER = """
+import functools, sys
+from pacs_classifier.receive import transport
+transport.configure_pynetdicom = functools.partial(
+    transport.configure_pynetdicom, skip=sys.argv[1].split("+")
+)
+from pacs_classifier.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def ours(work: Path, files: list[Path], skip: str = "") -> Run:
     port = free_port()
     config = work / "config.toml"
     config.write_text(
@@ -157,7 +177,18 @@ def ours(work: Path, files: list[Path]) -> Run:
     )
     cli = [sys.executable, "-m", "pacs_classifier", "--config", str(config)]
     subprocess.run([*cli, "db", "upgrade"], cwd=REPO, check=True, capture_output=True)
-    return run_receiver([*cli, "serve", "--roles", "listener"], port, "PNEUMONIA_AI", files)
+    if skip:
+        cli = [sys.executable, "-c", PARTIAL_LISTENER, skip, "--config", str(config)]
+    run = run_receiver([*cli, "serve", "--roles", "listener"], port, "PNEUMONIA_AI", files)
+    root = work / "dicom"  # stored instances; .tmp and .pending are dot folders
+    stored = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    if len(stored) != len(files):
+        raise RuntimeError(f"ours ({skip or 'all patches'}): {len(stored)} of {len(files)} stored")
+    return run
 
 
 def main() -> int:
@@ -184,8 +215,14 @@ def main() -> int:
         "ours": ("ours (fsync + commit, SQLite)", ours),
     }
     chosen = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    for r in chosen:
+        if r.startswith("ours-without-"):
+            skip = r.removeprefix("ours-without-")
+            if set(skip.split("+")) - set(PATCHES):
+                parser.error(f"--receivers {r}: leave out any of {', '.join(PATCHES)}")
+            known[r] = (r, functools.partial(ours, skip=skip))
     if not chosen or any(r not in known for r in chosen):
-        parser.error(f"--receivers: choose from {', '.join(known)}")
+        parser.error(f"--receivers: choose from {', '.join(known)}, ours-without-PATCH")
     receivers = dict(known[r] for r in chosen)
     runs: dict[str, list[Run]] = {name: [] for name in receivers}
     # Interleave the receivers so a noisy neighbour hurts them all alike.

@@ -10,14 +10,19 @@ B. the same with ``sr = true`` (overlay off) and the ``sender`` role running in 
    sending to a pynetdicom Storage SCP on loopback: the images/s that SPEC §11 asks to
    stay within 10 % of A;
 C. as B with ``sc_overlay = "positives"``;
+P. (only with ``--phases`` naming it) as B with the sender off: the worker's own share,
+   planning the SR rows and their audit events in the prediction's transaction;
 D. with ``sc_overlay = "all"``, classification first, then each render and each send
    timed on its own: milliseconds per SR, per overlay, per C-STORE.
 
 The images are queued all at once (a backlog), so ``[results] max_defer_s`` (default
 60 s) holds rendering and sending back until the backlog is classified, or until the
 oldest result has waited that long; ``--max-defer-s 0`` measures them competing.
-Phases A, B, C alternate ``--rounds`` times so drift in the machine's load touches all;
-ratios are of medians.
+Images/s run from queueing to the last job's recorded end; CPU ms per image are the
+process's (every thread) over the same span, and hardly depend on the machine's load.
+Phases A, (P,) B, C alternate ``--rounds`` times so drift in the machine's load touches all;
+ratios are of medians. ``--phases AB`` runs the baseline and B alone (C and D render
+Grad-CAM overlays, seconds each on a loaded machine).
 
     nice -n 10 .venv/bin/python scripts/bench_results.py --count 24 --rounds 2
 """
@@ -32,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +128,16 @@ def add_jobs(db: Database, files: Sequence[Path]) -> list[int]:
     return ids
 
 
-def classify(db: Database, config: Config, files: Sequence[Path], worker: Worker) -> float:
-    """Images/s of the worker over ``files`` (queued all at once, the backlog case)."""
+def classify(
+    db: Database, config: Config, files: Sequence[Path], worker: Worker
+) -> tuple[float, float]:
+    """Images/s of the worker over ``files`` (queued all at once, the backlog case), and
+    the process's CPU milliseconds per image meanwhile (all threads: the sender's too).
+
+    From queueing to the moment the last job was recorded ended (its ``updated_at``),
+    not to when the drain loop noticed: that loop looks every 0.2 s, and whatever else
+    runs then (the sender starting on the results) would count as classification time.
+    """
     from sqlalchemy import func, select
 
     def ended() -> bool:
@@ -133,15 +147,51 @@ def classify(db: Database, config: Config, files: Sequence[Path], worker: Worker
             )
 
     worker.config = config
-    add_jobs(db, files)
-    start = time.perf_counter()
+    start = utcnow()
+    cpu = _cpu_seconds()
+    ids = add_jobs(db, files)
     worker.drain(until=ended, timeout_s=3600)
-    return len(files) / (time.perf_counter() - start)
+    cpu_ms = (_cpu_seconds() - cpu) * 1000 / len(files)
+    with db.read_session() as s:
+        last = s.scalar(select(func.max(Job.updated_at)).where(Job.instance_id.in_(ids)))
+    if last is None:
+        raise RuntimeError("no job of this phase ended")
+    return len(files) / (last - start).total_seconds(), cpu_ms
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU time of this process (every thread), in seconds.
+
+    Unlike the images/s it hardly depends on what else runs on the machine.
+    """
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rendered_before_last_job(db: Database, since: datetime) -> int:
+    """Result objects rendered while classification jobs were still running (deferring
+    should keep this 0 during a backlog shorter than ``max_defer_s``)."""
+    from sqlalchemy import func, select
+
+    with db.read_session() as s:
+        last = s.scalar(select(func.max(Job.updated_at)))
+        return int(
+            s.scalar(
+                select(func.count()).where(
+                    ResultObject.state == JobState.DONE,
+                    ResultObject.updated_at >= since,
+                    ResultObject.updated_at < last,
+                )
+            )
+            or 0
+        )
 
 
 def with_sender(
     db: Database, config: Config, files: Sequence[Path], worker: Worker, sender_on: bool
-) -> float:
+) -> tuple[float, float]:
     """Images/s of ``classify`` with the sender's threads running beside it (when on)."""
     if not sender_on:
         return classify(db, config, files, worker)
@@ -154,7 +204,11 @@ def with_sender(
     for t in threads:
         t.start()
     try:
+        began = utcnow()
         rate = classify(db, config, files, worker)
+        early = rendered_before_last_job(db, began)
+        if early:
+            log.warning("%d result object(s) rendered before the backlog was classified", early)
         sender.drain(timeout_s=3600)  # what is left after classification, not measured
     finally:
         stop.set()
@@ -175,43 +229,59 @@ def run(args: argparse.Namespace, work: Path) -> None:
     db = Database(off.database_url)
     row = register_bundle(db, bundle, off.model_dir, actor="bench", activate=True)
     size = args.size
-    phases = {
+    every_phase = {
         "A": off,
+        "P": make_config(work, scp_port, sr=True, overlay="off", max_defer_s=args.max_defer_s),
         "B": make_config(work, scp_port, sr=True, overlay="off", max_defer_s=args.max_defer_s),
         "C": make_config(
             work, scp_port, sr=True, overlay="positives", max_defer_s=args.max_defer_s
         ),
     }
+    phases = {k: v for k, v in every_phase.items() if k in args.phases or k == "A"}
     app = App(off)
     worker = app.worker()
     # Warm-up: the model loads on the first batch; not measured.
     classify(db, off, generate_chest_files(work / "warm", 4, size, seed=99), worker)
     rates: dict[str, list[float]] = {name: [] for name in phases}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in phases}
     for r in range(args.rounds):
         for n, (name, config) in enumerate(phases.items()):
             files = generate_chest_files(work / f"{name}{r}", args.count, size, seed=10 * r + n)
-            rates[name].append(with_sender(db, config, files, worker, name != "A"))
+            rate, cpu = with_sender(db, config, files, worker, name not in ("A", "P"))
+            rates[name].append(rate)
+            cpu_ms[name].append(cpu)
     # D: per-object costs, each render and send timed on its own.
-    every = make_config(work, scp_port, sr=True, overlay="all")
-    d = generate_chest_files(work / "d", max(4, args.count // 4), size, seed=1000)
-    classify(db, every, d, worker)
-    render_ms, send_ms = per_object_costs(db, ResultsWorker(db, every))
+    render_ms: dict[str, list[float]] = {"sr": [], "sc": []}
+    send_ms: dict[str, list[float]] = {"sr": [], "sc": []}
+    if "D" in args.phases:
+        every = make_config(work, scp_port, sr=True, overlay="all")
+        d = generate_chest_files(work / "d", max(4, args.count // 4), size, seed=1000)
+        classify(db, every, d, worker)
+        render_ms, send_ms = per_object_costs(db, ResultsWorker(db, every))
     scp.shutdown()
     app.close()
     db.dispose()
     base = statistics.median(rates["A"])
+    base_cpu = statistics.median(cpu_ms["A"])
     print(f"machine: {machine()}; {load_average()}")
     print(f"model: {described}, {row.image_size} px, keras runtime; images {size}² px")
     print(f"max_defer_s = {args.max_defer_s}; {args.count} images per phase and round")
     labels = {
         "A": "SR off, overlay off",
+        "P": "SR on, overlay off, sender off",
         "B": "SR on, overlay off, sender on",
         "C": "SR on, overlay positives, sender on",
     }
     for name, label in labels.items():
+        if name not in rates:
+            continue
         ratio = statistics.median(rates[name]) / base
+        cpu_ratio = statistics.median(cpu_ms[name]) / base_cpu
         print(f"{name}  {label:<36} images/s: {_fmt(rates[name])}  (median / A: {ratio:.3f})")
+        print(f"   {'':<36} CPU ms/image: {_fmt(cpu_ms[name], 0)}  (median / A: {cpu_ratio:.3f})")
     for kind, label in ((ResultKind.SR, "SR"), (ResultKind.SC, "Grad-CAM overlay")):
+        if not render_ms[str(kind)]:
+            continue
         print(
             f"render {label:<17} ms/object: {_ms(render_ms[str(kind)])}   "
             f"C-STORE ms/object: {_ms(send_ms[str(kind)])}"
@@ -257,8 +327,8 @@ def per_object_costs(
     return render_ms, send_ms
 
 
-def _fmt(values: list[float]) -> str:
-    return ", ".join(f"{v:.2f}" for v in values)
+def _fmt(values: list[float], digits: int = 2) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
 def _ms(values: list[float]) -> str:
@@ -283,6 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, help="model bundle (default: models/reference)")
     parser.add_argument(
         "--max-defer-s", type=float, default=60.0, help="[results] max_defer_s for B and C"
+    )
+    parser.add_argument(
+        "--phases",
+        default="ABCD",
+        help="which phases to run (A always runs; AB for the SPEC §11 ratio alone; P: SR on "
+        "with the sender off, the worker's own share of the cost)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -73,6 +73,9 @@ def test_missing_default_file_means_defaults(
         ),
         ('[results]\nsc_overlay = "some"\n', "results.sc_overlay: must be one of off, positives"),
         ("[results]\nretry_backoff_max_s = 1\n", "results.retry_backoff_max_s: must be >="),
+        ("[drift]\npsi_alert = -0.1\n", "drift.psi_alert: must be >= 0 (0: off)"),
+        ("[drift]\npositive_rate_alert = 1.5\n", "drift.positive_rate_alert: must be 0-1"),
+        ("[drift]\nmin_count = 0\n", "drift.min_count: must be >= 1"),
         (
             '[[destinations]]\nae_title = "PACS"\nhost = "h"\nsend = ["pdf"]\n',
             "destinations[0].send",

@@ -112,7 +112,7 @@ def test_report_command_lists_and_formats(
     listing = cli(cfg, "report")
     assert listing.returncode == 0, listing.stderr
     names = [line.split()[0] for line in listing.stdout.splitlines()]
-    assert names == sorted(queries.available())
+    assert names == [*sorted(queries.available()), "drift"]
     as_json = cli(cfg, "report", "label_changes", "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
     assert [r["new_label"] for r in json.loads(as_json.stdout)] == ["PNEUMONIA"] * 3

@@ -43,7 +43,14 @@ from pacs_classifier.record.predictions import ModelRef, label_for, record_predi
 from pacs_classifier.report import queries
 from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results
 from pacs_classifier.results.role import ResultsWorker
-from pacs_classifier.results.sr import ObjectUids, Predecessor, SrContent, build_sr
+from pacs_classifier.results.sr import (
+    NotAssessedContent,
+    ObjectUids,
+    Predecessor,
+    SrContent,
+    build_not_assessed_sr,
+    build_sr,
+)
 
 CHEST = "chest_cr_mono1_15bit_explicit_le.dcm"
 
@@ -92,6 +99,29 @@ def test_sr_is_valid_and_says_finding_probability_and_model(
         assert back.PatientID == source.get("PatientID", "")
         pre = back.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
         assert pre.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.sop_instance_uid
+
+
+def test_not_assessed_sr_is_valid_and_says_why(
+    dicom_dir: Path, tmp_path: Path, dicom3tools: None
+) -> None:
+    source = pydicom.dcmread(dicom_dir / CHEST, stop_before_pixels=True, force=True)
+    for reason in ("body_part", "out_of_distribution"):  # the second is a Long Code Value
+        sr = build_not_assessed_sr(
+            source,
+            NotAssessedContent(reason, "site-v7", "ab" * 32),
+            ObjectUids(generate_uid(), generate_uid(), 1),
+        )
+        out = tmp_path / f"{reason}.sr.dcm"
+        sr.save_as(out, enforce_file_format=True)
+        assert dciodvfy_errors(out) == [], reason
+        dump = subprocess.run(
+            ["dsrdump", str(out)], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        assert '"Pneumonia")=(373068000,SCT,"Undetermined")' in dump
+        assert f'"Reason not assessed")=({reason},99PACSCLS,' in dump
+        assert "Probability of pneumonia" not in dump
+        assert '"Algorithm Version")="site-v7"' in dump
+        assert pydicom.dcmread(out).StudyInstanceUID == source.StudyInstanceUID
 
 
 def test_prediction_to_sr_and_overlay_then_an_unreachable_destination_fails(

@@ -17,6 +17,7 @@ import pytest
 
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle, split_images
+from pacs_classifier.model.validation_scores import read_validation_scores
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
 from pacs_classifier.train.model import BaseWeights, build_base
 from pacs_classifier.train.trainer import TrainOptions, train
@@ -201,6 +202,13 @@ def test_bundle_metadata_and_plots(tiny_bundle: Path, tiny_data: Path) -> None:
     final = meta.metrics.final
     # the threshold rule holds on validation
     assert final.sensitivity is not None and final.sensitivity >= 0.97
+    # the drift report's reference: the validation split's labels and served scores
+    scores = read_validation_scores(tiny_bundle)
+    assert scores is not None and scores.labels.size == len(split["val"])
+    c = final.confusion
+    assert c is not None and int(scores.labels.sum()) == c["tp"] + c["fn"]
+    above = int(np.sum(scores.probabilities >= meta.threshold.value))
+    assert abs(above - (c["tp"] + c["fp"])) <= 1  # float32 storage may move the edge case
 
 
 def test_evaluate_reproduces_the_recorded_validation_metrics(

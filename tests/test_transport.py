@@ -7,9 +7,11 @@ import gc
 import hashlib
 import io
 import os
+import re
 import socket
 import tempfile
 import threading
+import time
 import types
 import weakref
 from pathlib import Path
@@ -19,7 +21,6 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom.transport import AssociationSocket
 from test_listener import (
     assert_all_stored,
     audit_outcomes,
@@ -29,6 +30,7 @@ from test_listener import (
     small_instance,
 )
 
+from pacs_classifier.errors import PermanentError
 from pacs_classifier.receive import inspect as inspect_module
 from pacs_classifier.receive import listener as listener_module
 from pacs_classifier.receive import statuses, transport
@@ -145,13 +147,7 @@ def test_inspect_trusts_a_stream_digest_only_for_the_same_layout(tmp_path: Path)
     assert meta.sha256 == real.sha256
 
 
-def reader(sock: socket.socket) -> AssociationSocket:
-    wrapper = AssociationSocket.__new__(AssociationSocket)
-    wrapper.socket = sock
-    return wrapper
-
-
-def test_recv_reads_exactly_what_is_asked_across_many_segments() -> None:
+def test_recv_until_reads_exactly_what_is_asked_across_many_segments() -> None:
     a, b = socket.socketpair()
     payload = bytes(range(256)) * 4000
 
@@ -162,8 +158,8 @@ def test_recv_reads_exactly_what_is_asked_across_many_segments() -> None:
     sender = threading.Thread(target=send_in_pieces)
     sender.start()
     try:
-        first = transport._recv(reader(a), 6)
-        rest = transport._recv(reader(a), len(payload) - 6)
+        first = transport.recv_until(a, 6, None)
+        rest = transport.recv_until(a, len(payload) - 6, time.monotonic() + 30)
     finally:
         sender.join()
         a.close()
@@ -172,19 +168,60 @@ def test_recv_reads_exactly_what_is_asked_across_many_segments() -> None:
     assert bytes(first + rest) == payload
 
 
-def test_recv_grows_past_the_preallocation_and_returns_short_on_close(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(transport, "_RECV_PREALLOCATE", 1000)
+def test_recv_until_returns_short_on_close_and_stops_at_the_deadline() -> None:
     a, b = socket.socketpair()
-    payload = b"abcdefgh" * 700  # 5,600 bytes: grows the buffer five times
+    payload = b"abcdefgh" * 700
     b.sendall(payload)
     b.close()
     try:
-        got = transport._recv(reader(a), 10_000)  # the peer promised more than it sent
+        got = transport.recv_until(a, 10_000, None)  # the peer promised more than it sent
     finally:
         a.close()
     assert bytes(got) == payload
+    a, b = socket.socketpair()
+    b.sendall(b"abc")  # and then nothing: a stalled peer
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            transport.recv_until(a, 10, started + 0.2)
+    finally:
+        a.close()
+        b.close()
+    assert time.monotonic() - started < 2
+
+
+def test_pynetdicom_internals_are_those_the_patches_were_written_for() -> None:
+    """Fails on a pynetdicom upgrade that touches what receive/transport.py replaces."""
+    problems = transport.pynetdicom_drift()
+    assert not problems, (
+        "pynetdicom changed under receive/transport.py's replacements:\n  "
+        + "\n  ".join(problems)
+        + "\nRe-check transport._read_pdu_data against DULServiceProvider._read_pdu_data, "
+        "ReceiveFile against dimse_messages' chunked C-STORE, receive/gate.py's "
+        "GatedRequestHandler, then run tests/test_transport.py, "
+        "tests/test_listener_hostile.py and scripts/bench_ingest.py, and move "
+        "PYNETDICOM_SUPPORTED with the pin in pyproject.toml."
+    )
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pin = re.search(r'"pynetdicom([^"]*)"', pyproject.read_text())
+    assert pin is not None and pin.group(1) == transport.PYNETDICOM_SUPPORTED_TEXT
+
+
+def test_an_unsupported_pynetdicom_is_refused_before_anything_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+
+    from pynetdicom.dul import DULServiceProvider
+
+    before = DULServiceProvider._read_pdu_data
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.1.0")
+    assert any(
+        "pynetdicom 3.1.0 is outside >=3.0.4,<3.1" in p for p in transport.pynetdicom_drift()
+    )
+    with pytest.raises(PermanentError, match="the listener cannot use this pynetdicom"):
+        transport.configure_pynetdicom()
+    assert DULServiceProvider._read_pdu_data is before
 
 
 def test_listener_stores_with_the_stream_digest(

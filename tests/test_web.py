@@ -204,8 +204,13 @@ def test_api_results_by_accession_study_and_dates_with_audit(site: Site) -> None
     assert [(j["instance_id"], j["reason"]) for j in jobs] == [(site.ids[3], "OSError: disk gone")]
     models = c.get("/api/v1/models", headers=auth).json()
     assert [(m["version"], m["active"]) for m in models] == [(site.model.version, True)]
+    drift = c.get("/api/v1/drift", headers=auth).json()
+    assert {v["model_version"] for v in drift["versions"]} == {site.model.version}
+    assert sum(t["ended"] for t in drift["traffic"]) >= 1
     spec = c.get("/api/v1/openapi.json", headers=auth).json()
-    assert {"/api/v1/results", "/api/v1/jobs", "/api/v1/models"} <= set(spec["paths"])
+    assert {"/api/v1/results", "/api/v1/jobs", "/api/v1/models", "/api/v1/drift"} <= set(
+        spec["paths"]
+    )
     assert "/login" not in spec["paths"]
 
     views = _events(site.db, "result.view")
@@ -306,8 +311,9 @@ def test_admins_retry_failed_jobs_viewers_cannot(site: Site) -> None:
     (event,) = _events(site.db, "job.retry")
     assert event.actor == "web:adam" and event.detail["previous_reason"] == "OSError: disk gone"
 
-    for path in ("/runs", "/models", "/audit"):
+    for path in ("/runs", "/models", "/audit", "/drift"):
         assert admin.get(path).status_code == 200, path
+    assert site.model.version in admin.get("/drift").text
     assert "Model card" in admin.get("/models").text
     assert "ok " in admin.get("/audit").text
 

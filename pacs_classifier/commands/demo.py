@@ -103,6 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ("pacs_classifier.preprocess", logging.ERROR),
         ("pacs_classifier.store", logging.ERROR),
         ("pacs_classifier.model", logging.WARNING),
+        ("pacs_classifier.worker", logging.WARNING),
         ("pacs_classifier.train", logging.WARNING),
         ("pacs_classifier.results", logging.WARNING),  # the demo prints where each went
     ):

@@ -8,10 +8,12 @@ from typing import Any
 
 from pacs_classifier.db.models import Label
 from pacs_classifier.errors import PermanentError
-from pacs_classifier.report import queries
+from pacs_classifier.report import drift, queries
 from pacs_classifier.wiring import load_app
 
 ORDER = 60
+#: Computed in Python (statistics against the bundle's validation), not a SQL file.
+DRIFT = "drift"
 
 
 def register(sub: Any) -> None:
@@ -50,10 +52,13 @@ def run_report(args: argparse.Namespace) -> int:
             extra = " (--study UID)" if "study" in report.params else ""
             extra += " [--label L]" if "label" in report.params else ""
             print(f"{report.name:<16} {report.title}{extra}")
+        print(f"{DRIFT:<16} Live traffic against validation per model version and week; alerts")
         return 0
-    report = queries.get(args.name)
     if args.since and args.until and args.since >= args.until:
         raise PermanentError("--since must be before --until")
+    if args.name == DRIFT:
+        return run_drift(args)
+    report = queries.get(args.name)
     app = load_app(args)
     try:
         db = app.checked_db()
@@ -70,3 +75,52 @@ def run_report(args: argparse.Namespace) -> int:
         app.close()
     print(queries.render(result, args.format))
     return 0
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    """``report drift``: the drift report; its new alerts are logged and audited."""
+    import json
+
+    app = load_app(args)
+    try:
+        db = app.checked_db()
+        report = drift.evaluate(
+            db, app.config, actor="cli:report", since=args.since, until=args.until
+        )
+    finally:
+        app.close()
+    if args.format == "json":
+        print(json.dumps(drift.as_dict(report), indent=2))
+    elif args.format == "csv":
+        print(queries.render(_versions_result(report), "csv"))
+    else:
+        print(drift.render_text(report))
+    return 0
+
+
+def _versions_result(report: drift.DriftReport) -> queries.Result:
+    """The per-version table as a query result (``--format csv``)."""
+    columns = [
+        "model_version",
+        "week",
+        "predictions",
+        "positive_rate",
+        "reference_positive_rate",
+        "psi",
+        "ks",
+        "reference",
+    ]
+    rows = [
+        (
+            v.model_version,
+            v.week,
+            v.predictions,
+            v.positive_rate,
+            v.reference_positive_rate,
+            v.psi,
+            v.ks,
+            v.reference,
+        )
+        for v in report.versions
+    ]
+    return queries.Result(columns, list(rows))

@@ -1,27 +1,34 @@
-"""How the listener's pynetdicom receives: fewer copies, hashed and written back as it goes.
+"""How the listener's pynetdicom receives: bounded, hashed and written back as it goes.
 
-Three process-wide settings, made by :func:`configure_pynetdicom` before the listener binds
-its port (measured in ``docs/benchmarks.md``, "Ingest: where a C-STORE's time goes"):
+:func:`configure_pynetdicom` changes pynetdicom process-wide before the listener binds its
+port. ``STORE_RECV_CHUNKED_DATASET`` is public configuration: a data set is streamed into
+a file, never held whole in memory. The rest replaces pynetdicom 3.0 internals, each for a
+reason recorded in ``docs/benchmarks.md`` ("pynetdicom patches: kept or dropped"):
 
-- ``STORE_RECV_CHUNKED_DATASET``: a data set is streamed into a file, never held whole in
-  memory.
-- That file is a :class:`ReceiveFile` in ``<storage.root>/.tmp`` rather than
-  pynetdicom's ``NamedTemporaryFile`` in the system's temporary folder: the final rename
-  stays on one file system, a restart finds and deletes what a crash left, the data set is
-  SHA-256 hashed while it arrives (the handler need not read 8 MB back), and its pages are
-  handed to the disk every :data:`WRITEBACK_BYTES` (``sync_file_range``), so the fsync
-  before Success waits for the tail only.
-- ``AssociationSocket.recv`` reads a PDU with ``recv_into`` in as few system calls as the
-  kernel allows. pynetdicom 3.0 reads 4 KiB per call into a growing ``bytearray``: about
-  2,000 calls and as many Python loop turns per 8 MB instance.
-- ``DULServiceProvider._read_pdu_data`` (:func:`_read_pdu_data`) bounds each PDU: its
-  length is checked against what we announced before a byte of it is read (a P-DATA-TF
-  no longer than our Maximum Length, PS3.8 §D.1; any other PDU at most 1 MiB), and the
-  whole PDU must arrive within ``network_timeout_s`` of its first byte. pynetdicom
-  reads with no deadline: a peer announcing 4 GiB and stalling held its association,
-  and a 256 MiB P-DATA-TF was buffered whole. A breach aborts the association (A-ABORT,
-  reason "invalid PDU parameter value"), recorded on the association as
-  :data:`ABORT_REASON_ATTR` for the listener's audit event.
+- ``pdu-reader``: ``DULServiceProvider._read_pdu_data`` (:func:`_read_pdu_data`) bounds
+  each PDU: its length is checked against what we announced before a byte of it is read
+  (a P-DATA-TF no longer than our Maximum Length, PS3.8 §D.1; any other PDU at most
+  1 MiB), and the whole PDU must arrive within ``network_timeout_s`` of its first byte.
+  pynetdicom reads with no deadline: a peer announcing 4 GiB and stalling held its
+  association, and a 256 MiB P-DATA-TF was buffered whole. A breach aborts the
+  association (A-ABORT, reason "invalid PDU parameter value"), recorded on the
+  association as :data:`ABORT_REASON_ATTR` for the listener's audit event. It reads with
+  ``recv_into`` into one buffer (:func:`recv_until`), where pynetdicom reads 4 KiB per
+  ``recv()`` into a growing ``bytearray`` (about 2,000 calls per 8 MB instance).
+- ``receive-file``: the chunked data set goes to a :class:`ReceiveFile` in
+  ``<storage.root>/.tmp`` rather than pynetdicom's ``NamedTemporaryFile`` in the system's
+  temporary folder: the final rename stays on one file system, a restart finds and
+  deletes what a crash left, the data set is SHA-256 hashed while it arrives (the handler
+  need not read 8 MB back), and its pages are handed to the disk every
+  :data:`WRITEBACK_BYTES` (``sync_file_range``), so the fsync before Success waits for
+  the tail only.
+- ``lenient-uid``: :func:`lenient_uid` as pynetdicom's UI validator, so an over-long UID
+  in a request gets a status and an audit event from our handler instead of an abort.
+
+They lean on internals no release promises to keep. :func:`pynetdicom_drift` lists what no
+longer matches the pynetdicom they were written for (:data:`PYNETDICOM_SUPPORTED`, the
+pin in ``pyproject.toml``); :func:`configure_pynetdicom` refuses to start on any, and
+``tests/test_transport.py`` fails with the same list.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ import ctypes.util
 import hashlib
 import logging
 import os
+import re
 import struct
 import tempfile
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -44,6 +53,7 @@ from pynetdicom import _config, dimse_messages
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
+from pacs_classifier.errors import PermanentError
 from pacs_classifier.receive.inspect import (
     PART10_HEAD,
     CannotUnderstand,
@@ -57,10 +67,6 @@ log = logging.getLogger(__name__)
 
 #: Start the disk write of every this many received bytes (``sync_file_range``).
 WRITEBACK_BYTES = 1 << 20
-#: A PDU's buffer is allocated up to this size at once, beyond it as the bytes arrive:
-#: a peer's PDU length field (up to 4 GiB) is not trusted with an allocation.
-_RECV_PREALLOCATE = 4 << 20
-
 #: Larger than any real file meta; a header claiming more is not waited for.
 _MAX_META_LENGTH = 1 << 16
 
@@ -227,32 +233,6 @@ def _receive_temp_file(*args: Any, **kwargs: Any) -> Any:
     return received
 
 
-def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv``: read ``nr_bytes``, or fewer if the peer closes first.
-
-    Same contract as pynetdicom's: socket errors propagate to the DUL, which treats them
-    as a closed connection.
-    """
-    sock = cast(Any, self.socket)
-    buf = bytearray(min(nr_bytes, _RECV_PREALLOCATE))
-    view = memoryview(buf)
-    nr_read = 0
-    try:
-        while nr_read < nr_bytes:
-            if nr_read == len(buf):
-                view.release()
-                buf.extend(bytes(min(nr_bytes - nr_read, _RECV_PREALLOCATE)))
-                view = memoryview(buf)
-            got = sock.recv_into(view[nr_read:])
-            if not got:
-                break
-            nr_read += got
-    finally:
-        view.release()
-    del buf[nr_read:]
-    return buf
-
-
 #: PS3.8 §9.3.1: the PDU types there are; P-DATA-TF is 0x04.
 _PDU_TYPES: Final = frozenset(range(0x01, 0x08))
 _PDU_P_DATA: Final = 0x04
@@ -383,12 +363,112 @@ def lenient_uid(value: str) -> tuple[bool, str]:
     return True, ""
 
 
-def configure_pynetdicom() -> None:
-    """Apply the module's settings (process-wide, idempotent)."""
-    _config.VALIDATORS["UI"] = lenient_uid
+#: The pynetdicom releases these replacements were written for and measured with
+#: (``pyproject.toml`` pins the same range).
+PYNETDICOM_SUPPORTED: Final = ((3, 0, 4), (3, 1))
+PYNETDICOM_SUPPORTED_TEXT: Final = ">=3.0.4,<3.1"
+
+# pynetdicom's own versions of what we replace, as imported (before any replacement).
+_ORIGINAL_READ_PDU_DATA: Final = getattr(DULServiceProvider, "_read_pdu_data", None)
+_ORIGINAL_TEMP_FILE: Final = getattr(dimse_messages, "NamedTemporaryFile", None)
+_ORIGINAL_UI_VALIDATOR: Final = _config.VALIDATORS.get("UI")
+
+#: (name, pynetdicom's object, the start of the signature it had) for every internal we
+#: call or replace; ``None`` signature: checked for presence only.
+_INTERNALS: Final = (
+    ("DULServiceProvider._read_pdu_data", _ORIGINAL_READ_PDU_DATA, "(self) -> None"),
+    (
+        "DULServiceProvider._decode_pdu",
+        getattr(DULServiceProvider, "_decode_pdu", None),
+        "(self, bytestream: bytearray) -> tuple[",
+    ),
+    ("AssociationSocket.close", getattr(AssociationSocket, "close", None), "(self) -> None"),
+    ("_config.VALIDATORS['UI']", _ORIGINAL_UI_VALIDATOR, "(value: pydicom.uid.UID) -> tuple"),
+    ("dimse_messages.NamedTemporaryFile", _ORIGINAL_TEMP_FILE, None),
+)
+#: Source text that must still be there: (module or class, what it says, why we need it).
+_SOURCE_MARKERS: Final = (
+    (DULServiceProvider, "self._read_pdu_data()", "the DUL's reactor calls the PDU reader"),
+    (DULServiceProvider, "self.event_queue", "the reader queues the PDU's event there"),
+    (DULServiceProvider, "self._recv_pdu", "the reader (and receive/gate.py) queue the PDU there"),
+    (AssociationSocket, "self.socket", "the reader reads the connection's socket"),
+    (
+        dimse_messages,
+        'NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")',
+        "a chunked C-STORE opens its file through this module name (ReceiveFile)",
+    ),
+    (dimse_messages, "._data_set_file.write(", "ReceiveFile is written with write()"),
+)
+
+
+def pynetdicom_drift() -> list[str]:
+    """What differs from the pynetdicom internals :func:`configure_pynetdicom` relies on;
+    empty when nothing does. Each entry names the internal and what to re-check."""
+    import importlib.metadata
+    import inspect
+
+    problems = []
+    installed = importlib.metadata.version("pynetdicom")
+    parts = tuple(int(p) for p in re.findall(r"\d+", installed)[:3])
+    low, high = PYNETDICOM_SUPPORTED
+    if not low <= parts < high:
+        problems.append(
+            f"pynetdicom {installed} is outside {PYNETDICOM_SUPPORTED_TEXT}, the range the "
+            "patches in receive/transport.py were written and measured for"
+        )
+    for name, obj, expected in _INTERNALS:
+        if obj is None:
+            problems.append(f"{name} is gone")
+            continue
+        if expected is None:
+            continue
+        try:
+            signature = str(inspect.signature(obj))
+        except (TypeError, ValueError):
+            signature = "?"
+        if not signature.startswith(expected):
+            problems.append(f"{name} is now {signature}, was {expected}…")
+    for owner, marker, why in _SOURCE_MARKERS:
+        try:
+            source = inspect.getsource(owner)
+        except (OSError, TypeError):
+            problems.append(f"the source of {owner.__name__} cannot be read to check: {why}")
+            continue
+        if marker not in source:
+            problems.append(f"{owner.__name__} no longer contains {marker!r} ({why})")
+    if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
+        problems.append("_config.STORE_RECV_CHUNKED_DATASET is gone")
+    return problems
+
+
+#: The replacements, by name: ``configure_pynetdicom(skip=...)`` leaves some out (for
+#: ``scripts/bench_ingest.py``, which measures what each is worth).
+PATCHES: Final = ("pdu-reader", "receive-file", "lenient-uid")
+
+
+def configure_pynetdicom(*, skip: Collection[str] = ()) -> None:
+    """Apply the module's settings (process-wide, idempotent).
+
+    Raises :class:`~pacs_classifier.errors.PermanentError` when the installed pynetdicom
+    is not the one they were written for (:func:`pynetdicom_drift`): a replaced method
+    that pynetdicom renamed would otherwise leave the listener silently unbounded.
+    """
+    unknown = set(skip) - set(PATCHES)
+    if unknown:
+        raise ValueError(f"unknown pynetdicom patch(es): {', '.join(sorted(unknown))}")
+    problems = pynetdicom_drift()
+    if problems:
+        raise PermanentError(
+            "the listener cannot use this pynetdicom: "
+            + "; ".join(problems)
+            + " (see docs/DEVELOPING.md, pynetdicom)"
+        )
     _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom names NamedTemporaryFile in its module; its default folder would be
-    # the system's, another file system perhaps, and never cleaned after a crash.
-    setattr(dimse_messages, "NamedTemporaryFile", _receive_temp_file)  # noqa: B010
-    setattr(AssociationSocket, "recv", _recv)  # noqa: B010
-    setattr(DULServiceProvider, "_read_pdu_data", _read_pdu_data)  # noqa: B010
+    if "lenient-uid" not in skip:
+        _config.VALIDATORS["UI"] = lenient_uid
+    if "receive-file" not in skip:
+        # pynetdicom names NamedTemporaryFile in its module; its default folder would be
+        # the system's, another file system perhaps, and never cleaned after a crash.
+        setattr(dimse_messages, "NamedTemporaryFile", _receive_temp_file)  # noqa: B010
+    if "pdu-reader" not in skip:
+        setattr(DULServiceProvider, "_read_pdu_data", _read_pdu_data)  # noqa: B010

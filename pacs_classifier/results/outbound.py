@@ -593,13 +593,27 @@ def requeue_sends(
 
 
 def classification_waiting(session: Session, now: datetime) -> bool:
-    """Whether a classification job is queued and due (the workers have a backlog)."""
-    due = session.execute(
+    """Whether the workers have work: a classification job due, or one in hand.
+
+    A job in hand (running, its lease alive) counts: the last batch of a backlog is
+    being inferred while nothing is queued any more, and results rendered beside it
+    would take its CPU. A running job whose lease ran out belongs to a dead worker and
+    does not hold results back.
+    """
+    busy = session.execute(
         select(Job.id)
-        .where(Job.state == JobState.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now))
+        .where(
+            or_(
+                and_(
+                    Job.state == JobState.QUEUED,
+                    or_(Job.not_before.is_(None), Job.not_before <= now),
+                ),
+                and_(Job.state == JobState.RUNNING, Job.lease_until > now),
+            )
+        )
         .limit(1)
     ).first()
-    return due is not None
+    return busy is not None
 
 
 def send_counts(session: Session) -> dict[tuple[str, str], int]:

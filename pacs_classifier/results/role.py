@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 #: One object per claim: a stop finishes the object in hand and leaves nothing leased.
 RENDER_BATCH = 1
 SEND_BATCH = 1
+#: How often a deferring loop asks whether the workers are still busy.
+DEFER_CHECK_S = 1.0
 
 
 class ResultsWorker:
@@ -168,13 +170,17 @@ class ResultsWorker:
                 except RetryableError as exc:
                     log.warning("results: %s; retrying", exc)
                 next_reclaim = time.monotonic() + every
+            deferred = False
             try:
-                busy = 0 if self.defer(queue) else step()
+                deferred = self.defer(queue)
+                busy = 0 if deferred else step()
             except RetryableError as exc:
                 log.warning("results: %s; retrying", exc)
                 busy = 0
             if not busy:
-                stop.wait(poll)
+                # While deferring, look again less often: each look is a query that takes
+                # CPU from the workers the deferral is for.
+                stop.wait(max(poll, DEFER_CHECK_S) if deferred else poll)
 
     def run_render(self, stop: threading.Event) -> None:
         self._loop(self.render_once, self.renders.reclaim_expired, stop, self.renders)

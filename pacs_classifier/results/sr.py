@@ -28,6 +28,7 @@ import copy
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -49,6 +50,8 @@ CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = Code("PROB-PNEUMONIA", PRIVATE_SCHEME, "Probability of pneumonia")
 THRESHOLD = Code("THRESHOLD", PRIVATE_SCHEME, "Decision threshold")
 NO_UNITS = Code("1", "UCUM", "no units")
+UNDETERMINED = Code("373068000", "SCT", "Undetermined")
+NOT_ASSESSED_REASON = Code("NOT-ASSESSED", PRIVATE_SCHEME, "Reason not assessed")
 
 #: Type 2 attributes highdicom reads from the source image; an empty value where absent.
 _PATIENT_STUDY_TYPE2 = (
@@ -73,6 +76,27 @@ class SrContent:
     threshold: float
     model_version: str
     model_sha256: str
+
+
+@dataclass(frozen=True)
+class NotAssessedContent:
+    """What the SR says about an instance the worker did not classify."""
+
+    #: The job's reason code (``jobs.reason``: ``modality``, ``too_small``, ...).
+    reason: str
+    model_version: str
+    model_sha256: str
+
+
+def reason_code(reason: str) -> Code:
+    """A not-assessed reason as a code of this product's private scheme.
+
+    The value is the stored reason code itself (over 16 characters it becomes a Long
+    Code Value, PS3.3 8.8); the meaning spells it out.
+    """
+    if not reason or not reason.isascii() or "\\" in reason or len(reason) > 64:
+        raise ValueError(f"not a reason code: {reason!r}")
+    return Code(reason, PRIVATE_SCHEME, reason.replace("_", " ").capitalize())
 
 
 @dataclass(frozen=True)
@@ -122,13 +146,8 @@ def build_sr(
     import highdicom as hd
     from highdicom.sr import (
         AlgorithmIdentification,
-        Comprehensive3DSR,
-        DeviceObserverIdentifyingAttributes,
         Measurement,
-        MeasurementReport,
         MeasurementsAndQualitativeEvaluations,
-        ObservationContext,
-        ObserverContext,
         QualitativeEvaluation,
         SourceImageForMeasurementGroup,
         TrackingIdentifier,
@@ -158,13 +177,72 @@ def build_sr(
             )
         ],
     )
+    return _document(evidence, group, content.model_version, uids, predecessor)
+
+
+def build_not_assessed_sr(
+    source: Dataset,
+    content: NotAssessedContent,
+    uids: ObjectUids,
+    predecessor: Predecessor | None = None,
+) -> Dataset:
+    """The SR saying ``source`` was not assessed, and why (``[results] sr_not_assessed``).
+
+    The same document as :func:`build_sr` with no probability and no threshold: Pneumonia
+    is Undetermined (SCT 373068000) and a second evaluation, Reason not assessed, carries
+    the reason code.
+    """
+    import highdicom as hd
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        MeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        SourceImageForMeasurementGroup,
+        TrackingIdentifier,
+    )
+
+    evidence = evidence_of(source)
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="Pneumonia classification"),
+        algorithm_id=AlgorithmIdentification(
+            name=ALGORITHM_NAME,
+            version=content.model_version,
+            parameters=[f"sha256={content.model_sha256}"],
+            manufacturer=PRODUCT,
+        ),
+        source_images=[SourceImageForMeasurementGroup.from_source_image(evidence)],
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=PNEUMONIA, value=UNDETERMINED),
+            QualitativeEvaluation(name=NOT_ASSESSED_REASON, value=reason_code(content.reason)),
+        ],
+    )
+    return _document(evidence, group, content.model_version, uids, predecessor)
+
+
+def _document(
+    evidence: Dataset,
+    group: Any,
+    model_version: str,
+    uids: ObjectUids,
+    predecessor: Predecessor | None,
+) -> Dataset:
+    """The Comprehensive 3D SR around one measurement group (TID 1500)."""
+    import highdicom as hd
+    from highdicom.sr import (
+        Comprehensive3DSR,
+        DeviceObserverIdentifyingAttributes,
+        MeasurementReport,
+        ObservationContext,
+        ObserverContext,
+    )
+
     observer = ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=DEVICE_UID,
             name=PRODUCT,
             manufacturer_name=PRODUCT,
-            model_name=content.model_version,
+            model_name=model_version,
         ),
     )
     report = MeasurementReport(

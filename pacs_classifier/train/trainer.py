@@ -54,6 +54,7 @@ from pacs_classifier.model.metadata import (
     ValidationMetrics,
 )
 from pacs_classifier.model.runtime import calibrate
+from pacs_classifier.model.validation_scores import write_validation_scores
 from pacs_classifier.train.data import (
     Sample,
     Split,
@@ -211,6 +212,8 @@ def train(opts: TrainOptions) -> TrainResult:
     files = write_model_files(model, opts.out)
     version = opts.version or f"{created:%Y%m%d-%H%M%S}-{manifest_sha256(files)[:8]}"
     _write_split(opts.out, split, opts.data)
+    # The drift report's reference: the scores the bundle serves, on validation.
+    write_validation_scores(opts.out, y_val, p_val)
     metadata = BundleMetadata(
         version=version,
         created_at=created,

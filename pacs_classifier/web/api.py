@@ -7,7 +7,7 @@ dashboard session. Every answer that carries a patient's result is audited
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pacs_classifier.db.models import JobState, Label
 from pacs_classifier.model.registry import list_models
 from pacs_classifier.queue.jobs import list_jobs
+from pacs_classifier.report import drift
 from pacs_classifier.report.results import (
     ResultQuery,
     ResultRow,
@@ -209,6 +210,21 @@ def get_models(request: Request, who: Who) -> list[ModelOut]:
         ]
 
 
+@router.get("/drift", summary="Live traffic against validation, per model version and week")
+def get_drift(
+    request: Request,
+    who: Who,
+    weeks: Annotated[int, Query(ge=1, le=520, description="ISO weeks back from now")] = 12,
+) -> dict[str, Any]:
+    """``report drift`` as JSON (docs/reports.md); alerts are those the thresholds find,
+    read only: the nightly check and ``report drift`` log and audit them."""
+    ctx = ctx_of(request)
+    since = drift.week_start(datetime.now(UTC)) - timedelta(weeks=weeks - 1)
+    with ctx.db.read_session() as session:
+        report = drift.compute(session, ctx.config, since=since)
+    return drift.as_dict(report)
+
+
 @router.get("/openapi.json", include_in_schema=False)
 def get_openapi(request: Request, who: Who) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi()
@@ -216,8 +232,6 @@ def get_openapi(request: Request, who: Who) -> dict[str, Any]:
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    from datetime import UTC
-
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

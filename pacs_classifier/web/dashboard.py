@@ -335,6 +335,20 @@ def models(request: Request, who: Who) -> HTMLResponse:
     return _page(request, "models.html", who, models=rows, cards=cards)
 
 
+@router.get("/drift", response_class=HTMLResponse)
+def drift_page(request: Request, who: Who) -> HTMLResponse:
+    """Live traffic against validation, the last 12 ISO weeks (docs/reports.md)."""
+    from datetime import UTC, datetime, timedelta
+
+    from pacs_classifier.report import drift
+
+    ctx = ctx_of(request)
+    since = drift.week_start(datetime.now(UTC)) - timedelta(weeks=11)
+    with ctx.db.read_session() as session:
+        report = drift.compute(session, ctx.config, since=since)
+    return _page(request, "drift.html", who, report=report, settings=ctx.config.drift)
+
+
 @router.get("/audit", response_class=HTMLResponse)
 def audit(request: Request, who: Who) -> HTMLResponse:
     from sqlalchemy import select
