@@ -327,8 +327,15 @@ class JobQueue:
         self._audit_outcome(session, job, "done" if held else "done_lease_lost", detail)
         return held
 
-    def mark_not_assessed(self, outcomes: Sequence[tuple[ClaimedJob, str]]) -> None:
-        """End jobs ``not_assessed`` with their reason codes (no retry: the input is what it is)."""
+    def mark_not_assessed(
+        self,
+        outcomes: Sequence[tuple[ClaimedJob, str]],
+        details: Mapping[int, Mapping[str, object]] | None = None,
+    ) -> None:
+        """End jobs ``not_assessed`` with their reason codes (no retry: the input is what it is).
+
+        ``details`` (by job id) adds to a job's audit event, e.g. the score that refused it.
+        """
         if not outcomes:
             return
         ended: list[EndedJob] = []
@@ -336,7 +343,8 @@ class JobQueue:
             for job, reason in outcomes:
                 if self._finish(session, job, JobState.NOT_ASSESSED, reason):
                     ended.append(ended_job(job, JobState.NOT_ASSESSED))
-                self._audit_outcome(session, job, "not_assessed", {"reason": reason})
+                extra = (details or {}).get(job.id, {})
+                self._audit_outcome(session, job, "not_assessed", {"reason": reason, **extra})
         self.ended(ended)
 
     def fail(self, failures: Sequence[tuple[ClaimedJob, str, bool]]) -> list[Outcome]:
