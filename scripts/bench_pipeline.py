@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
@@ -105,21 +106,54 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {model}"
 
 
-def generate_chest_files(folder: Path, count: int, size: int, *, seed: int = 0) -> list[Path]:
-    """``count`` eligible chest radiographs: CR, MONOCHROME2, 12 bits in 16, CHEST, PA.
+def _shared_chest_images() -> list[Path]:
+    """Real chest radiographs (the training JPEGs of ../shared), when they are here."""
+    shared = Path(os.environ.get("PACS_CLASSIFIER_SHARED", Path(__file__).parents[2] / "shared"))
+    folder = shared / "data" / "cxr224" / "train"
+    return (
+        sorted((folder / "NORMAL").glob("*.jpeg"))[:10]
+        + sorted((folder / "PNEUMONIA").glob("*.jpeg"))[:10]
+    )
 
-    Each has its own SOP Instance UID and one pixel that differs, so no two files have the
-    same digest. The image is a smooth field with two darker ellipses and noise, so the
-    window and the reduction do real work.
+
+def _base_images(size: int, rng: np.random.Generator) -> list[npt.NDArray[np.uint16]]:
+    """12-bit ``size``² images: real chest radiographs scaled up, else a synthetic field.
+
+    The worker's out-of-distribution check refuses the synthetic field (it is no
+    radiograph), so without ../shared every measured image ends not assessed and the
+    figures are those of decode, normalisation, inference and the check, not of a result.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    sources = _shared_chest_images()
+    if sources:
+        out = []
+        for path in sources:
+            with Image.open(path) as im:
+                grey = np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR))
+            noise = rng.normal(0, 8, (size, size))
+            out.append(np.clip(grey.astype(np.float32) * 16 + noise, 0, 4095).astype(np.uint16))
+        return out
+    print("no ../shared chest images: synthetic fields, which end out_of_distribution", flush=True)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     field = 2600 - 900 * ((xx - 0.5) ** 2 + (yy - 0.45) ** 2)
     for cx in (0.32, 0.68):
         field -= 1200 * (((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
     noise = rng.normal(0, 60, (size, size)).astype(np.float32)
-    pixels = np.clip(field + noise, 0, 4095).astype(np.uint16)
+    return [np.clip(field + noise, 0, 4095).astype(np.uint16)]
+
+
+def generate_chest_files(folder: Path, count: int, size: int, *, seed: int = 0) -> list[Path]:
+    """``count`` eligible chest radiographs: CR, MONOCHROME2, 12 bits in 16, CHEST, PA.
+
+    Each has its own SOP Instance UID and one pixel that differs, so no two files have the
+    same digest. The images are real chest radiographs of ../shared scaled up to ``size``
+    (so the window, the reduction and the out-of-distribution check do real work), taken
+    in turn.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    bases = _base_images(size, rng)
     study = generate_uid()
     paths = []
     for i in range(count):
@@ -135,6 +169,7 @@ def generate_chest_files(folder: Path, count: int, size: int, *, seed: int = 0) 
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
         ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
         ds.PhotometricInterpretation = "MONOCHROME2"
+        pixels = bases[i % len(bases)].copy()
         pixels[0, 0] = i % 4096
         pixels[0, 1] = i // 4096
         ds.PixelData = pixels.tobytes()
@@ -337,13 +372,16 @@ def max_instance_id(db: Database) -> int:
         return int(session.scalar(select(func.max(Instance.id))) or 0)
 
 
-def predicted_count(db: Database, after_id: int) -> int:
-    """Instances with id > ``after_id`` that have at least one prediction."""
+def ended_count(db: Database, after_id: int) -> int:
+    """Jobs of instances with id > ``after_id`` that have ended (a result or not)."""
     with db.session() as session:
         return int(
             session.scalar(
-                select(func.count(func.distinct(Prediction.instance_id))).where(
-                    Prediction.instance_id > after_id
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    Job.instance_id > after_id,
+                    Job.state.in_([JobState.DONE, JobState.NOT_ASSESSED, JobState.FAILED]),
                 )
             )
             or 0
@@ -526,10 +564,7 @@ def measure(
 
     def finished() -> bool:
         serve.check_alive()
-        if predicted_count(db, cutoff) >= len(files):
-            return True
-        left = unfinished_jobs(db, cutoff)
-        return sum(n for s, n in left.items() if s not in (JobState.QUEUED, JobState.RUNNING)) > 0
+        return ended_count(db, cutoff) >= len(files)
 
     wait_until(finished, 120 + 5 * len(files), f"the predictions of {name}")
     other = unfinished_jobs(db, cutoff)
@@ -613,7 +648,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
             def warmed() -> bool:
                 serve.check_alive()
-                return predicted_count(db, 0) >= len(warm)
+                return ended_count(db, 0) >= len(warm)
 
             wait_until(warmed, 600, "the warm-up predictions")
         pids = role_pids(serve.log_path)
