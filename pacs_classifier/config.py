@@ -101,6 +101,21 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AcceptanceConfig:
+    """Local acceptance (``model calibrate``): the operating point a site asks for, and
+    how sure its labelled sample must make us of it."""
+
+    #: Sensitivity the new threshold keeps on the site's sample; 0: the bundle's own target.
+    target_sensitivity: float = 0.0
+    #: The lower confidence bound of the sensitivity at the new threshold must reach this.
+    sensitivity_floor: float = 0.90
+    #: The lower confidence bound of the specificity at the new threshold must reach this.
+    specificity_floor: float = 0.50
+    #: Two-sided confidence of the exact (Clopper-Pearson) intervals.
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     batch_size: int = 16
     max_batch_wait_ms: int = 200
@@ -193,6 +208,7 @@ class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     web: WebConfig = field(default_factory=WebConfig)
@@ -487,7 +503,13 @@ def _validate(c: Config) -> None:
     except (KeyError, ValueError, OSError):
         raise ConfigError(f"scheduler.timezone: unknown time zone {s.timezone!r}") from None
     need(s.misfire_grace_s >= 1, "scheduler.misfire_grace_s", "must be >= 1")
-    for section in (_validate_results, _validate_drift, _validate_web, _validate_logging):
+    for section in (
+        _validate_results,
+        _validate_drift,
+        _validate_web,
+        _validate_logging,
+        _validate_acceptance,
+    ):
         section(c, need)
 
 
@@ -500,6 +522,23 @@ def _validate_logging(c: Config, need: typing.Callable[[bool, str, str], None]) 
         c.logging.level.upper() in _LOG_LEVELS,
         "logging.level",
         f"must be one of {', '.join(_LOG_LEVELS)}",
+    )
+
+
+def _validate_acceptance(c: Config, need: typing.Callable[[bool, str, str], None]) -> None:
+    a = c.acceptance
+    need(
+        a.target_sensitivity == 0 or 0.5 <= a.target_sensitivity < 1,
+        "acceptance.target_sensitivity",
+        f"must be 0 (the bundle's) or in [0.5, 1), received {a.target_sensitivity}",
+    )
+    for name in ("sensitivity_floor", "specificity_floor"):
+        value = getattr(a, name)
+        need(0 < value < 1, f"acceptance.{name}", f"must be in (0, 1), received {value}")
+    need(
+        0.5 <= a.confidence < 1,
+        "acceptance.confidence",
+        f"must be in [0.5, 1), received {a.confidence}",
     )
 
 

@@ -11,6 +11,10 @@ Outcomes per job:
 - eligible and normalised → one prediction with the active model, job ``done``;
 - :class:`NotAssessable` (not a chest radiograph, or pixels that cannot become one) →
   ``not_assessed`` with its reason code, at once;
+- eligible, but the model's own features of the image are far from its training chest
+  radiographs (the bundle's ``ood.npz``, :mod:`pacs_classifier.model.ood`) →
+  ``not_assessed`` with reason ``out_of_distribution``, its score and threshold audited,
+  no prediction; a bundle without ``ood.npz`` serves as before (logged once per load);
 - :class:`RetryableError` or an unexpected error → back to the queue with backoff, then
   ``failed`` after ``max_attempts``; any other :class:`PermanentError` → ``failed`` at once.
 
@@ -37,8 +41,9 @@ from pacs_classifier.config import Config
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import JobState, Label
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
+from pacs_classifier.model.ood import OOD_FILE, OodModel, read_ood
 from pacs_classifier.model.registry import active_model
-from pacs_classifier.model.runtime import Predictor, load_predictor
+from pacs_classifier.model.runtime import Inference, Predictor, load_predictor
 from pacs_classifier.preprocess import reasons
 from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, ended_job
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
@@ -105,6 +110,8 @@ class Worker:
         self._loader = loader
         self._predictor: Predictor | None = None
         self._predictor_model_id: int | None = None
+        #: The loaded model's out-of-distribution check; None when it has none.
+        self._ood: OodModel | None = None
         self.stats = WorkerStats()
         self._handover: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=1)
         self._no_model_logged = False
@@ -308,14 +315,55 @@ class Worker:
         try:
             predictor = self._predictor_for(batch.model, batch.model_path)
             started = time.perf_counter()
-            probs = predictor.predict(batch.tensors)
+            out = predictor.infer(batch.tensors)
             self.stats.infer_seconds += time.perf_counter() - started
+            batch, probs = self._refuse_out_of_distribution(batch, out)
         except (PermanentError, RetryableError) as exc:
             # A model that will not load or run is not the images' fault: retry them.
             log.error("model %s failed on a batch: %s", batch.model.version, exc)
             self._count_failures(self.jobs.fail([(j, _reason(exc), True) for j in batch.jobs]))
             return
         self.record(batch, probs)
+
+    def _refuse_out_of_distribution(
+        self, batch: PreparedBatch, out: Inference
+    ) -> tuple[PreparedBatch, npt.NDArray[np.float64]]:
+        """End the jobs whose features the model's OOD check refuses; return the rest."""
+        ood = self._ood
+        if ood is None or out.features is None:
+            return batch, out.probability
+        scores = ood.score(out.features)
+        refused = scores > ood.threshold
+        if not refused.any():
+            return batch, out.probability
+        ended = [j for j, r in zip(batch.jobs, refused, strict=True) if r]
+        details = {
+            j.id: {"ood_score": round(float(s), 4), "ood_threshold": round(ood.threshold, 4)}
+            for j, s, r in zip(batch.jobs, scores, refused, strict=True)
+            if r
+        }
+        self.jobs.mark_not_assessed(
+            [(j, reasons.OUT_OF_DISTRIBUTION) for j in ended],
+            details,
+            plan=lambda session, held: self.plan_not_assessed(session, held, batch.model),
+        )
+        for job in ended:
+            log.info(
+                "job %d (instance %d): not assessed, %s (score %.3f > %.3f, model %s)",
+                job.id,
+                job.instance_id,
+                reasons.OUT_OF_DISTRIBUTION,
+                details[job.id]["ood_score"],
+                ood.threshold,
+                batch.model.version,
+            )
+        self.stats.not_assessed += len(ended)
+        keep = ~refused
+        kept = [j for j, k in zip(batch.jobs, keep, strict=True) if k]
+        return (
+            PreparedBatch(batch.model, batch.model_path, kept, batch.tensors[keep]),
+            out.probability[keep],
+        )
 
     def record(self, batch: PreparedBatch, probs: npt.NDArray[np.float64]) -> None:
         """Predictions, job states and audit events of one batch, in one transaction."""
@@ -381,8 +429,10 @@ class Worker:
         if self._predictor is None or self._predictor_model_id != model.id:
             log.info("loading model %s from %s", model.version, path)
             self._predictor = None  # free the old one before building the new
+            self._ood = None
             self._predictor = self._loader(path, self.config.model.runtime)
             self._predictor_model_id = model.id
+            self._ood = self._ood_check(model, self._predictor)
             if self._predictor.info.image_size != model.image_size:
                 raise PermanentError(
                     f"model {model.version}: bundle image_size "
@@ -390,6 +440,39 @@ class Worker:
                     f"{model.image_size}"
                 )
         return self._predictor
+
+    def _ood_check(self, model: ModelRef, predictor: Predictor) -> OodModel | None:
+        """The model's out-of-distribution check, said once per load when it is off.
+
+        An ``ood.npz`` that is unreadable or fitted for another model is a
+        :class:`ModelError` (the batch is retried): a check is never dropped silently.
+        """
+        ood = read_ood(predictor.info)
+        if ood is None:
+            log.warning(
+                "model %s has no %s: the image out-of-distribution check is off",
+                model.version,
+                OOD_FILE,
+            )
+            return None
+        probe = predictor.infer(
+            np.zeros((1, model.image_size, model.image_size, 3), dtype=np.float32)
+        )
+        if probe.features is None:
+            log.warning(
+                "model %s: runtime %s returns no features (exported before they were an "
+                "output; register the model again): the out-of-distribution check is off",
+                model.version,
+                predictor.runtime,
+            )
+            return None
+        log.info(
+            "model %s: out-of-distribution check on (threshold %.3f, fitted on %d images)",
+            model.version,
+            ood.threshold,
+            ood.fitted_on,
+        )
+        return ood
 
     def _count_failures(self, outcomes: list[Any]) -> None:
         for o in outcomes:

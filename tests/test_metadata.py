@@ -53,18 +53,18 @@ def test_reference_bundle_reads_typed_and_writes_back_byte_identical(tmp_path: P
 
 def test_unknown_keys_of_a_newer_bundle_are_kept(tmp_path: Path) -> None:
     raw = _reference_raw()
-    raw["site_acceptance"] = {"site": "north", "n": 120}
+    raw["site_review"] = {"site": "north", "n": 120}
     raw["threshold"]["margin"] = 0.02
     raw["metrics"]["final"]["youden"] = 0.91
     meta = parse_metadata(raw)
-    assert meta.extra == {"site_acceptance": {"site": "north", "n": 120}}
+    assert meta.extra == {"site_review": {"site": "north", "n": 120}}
     assert meta.threshold.extra == {"margin": 0.02}
     assert meta.metrics.final.extra == {"youden": 0.91}
     assert dump_metadata(meta) == raw
     # a derived bundle (new threshold) keeps them too
     derived = replace(meta, version="ref-2", threshold=replace(meta.threshold, value=0.4))
     out = dump_metadata(derived)
-    assert out["site_acceptance"] == raw["site_acceptance"]
+    assert out["site_review"] == raw["site_review"]
     assert out["threshold"] == raw["threshold"] | {"value": 0.4}
 
 

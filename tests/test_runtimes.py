@@ -38,6 +38,7 @@ from pacs_classifier.model.runtime import (
     auto_choice,
     load_predictor,
     read_verified,
+    refusal,
 )
 from pacs_classifier.preprocess import normalize_file
 
@@ -115,10 +116,14 @@ def test_registration_exports_and_records_parity(
         assert sha256_file(path / entry["file"]) == entry["sha256"]
         assert entry["parity"]["passed"] is entry["usable"]
         assert entry["images_per_s"] > 0
+        assert entry["features"] is True  # the pooled features are a second output
     onnx = record["runtimes"]["onnx"]["parity"]
     assert onnx["passed"] and onnx["max_abs_delta_probability"] <= MAX_FLOAT32_DELTA
     int8 = record["runtimes"]["tflite-int8"]["parity"]
     assert int8["auc_against"] == "true labels" and int8["auc_keras"] is not None
+    assert record["criteria"]["tflite-int8"]["max_abs_delta_probability"] == 0.02
+    assert int8["passed"] is (int8["max_abs_delta_probability"] <= 0.02 and not int8["failed"])
+    assert record["runtimes"]["tflite-int8"]["quantisation"] == "dynamic-range"
     # metadata.json identifies the bundle: exporting must not rewrite it.
     source_meta = (path.parent.parent / "source" / "metadata.json").read_bytes()
     assert (path / "metadata.json").read_bytes() == source_meta
@@ -136,10 +141,16 @@ def test_onnx_matches_keras_on_other_real_images(
 ) -> None:
     path, _ = registered
     batch = _real_batch(cxr_dir)
-    keras = load_predictor(path, "keras").predict(batch)
+    keras_out = load_predictor(path, "keras").infer(batch)
+    keras = keras_out.probability
     onnx = load_predictor(path, "onnx")
     assert onnx.runtime == "onnx"
     assert np.max(np.abs(onnx.predict(batch) - keras)) <= MAX_FLOAT32_DELTA
+    # The features the OOD check scores are the same in both runtimes.
+    onnx_feats, keras_feats = onnx.infer(batch).features, keras_out.features
+    assert onnx_feats is not None and keras_feats is not None
+    assert onnx_feats.shape == keras_feats.shape == (len(batch), 2048)
+    assert np.allclose(onnx_feats, keras_feats, rtol=1e-3, atol=1e-4)
     # One image at a time gives the same numbers as the batch (dynamic batch axis).
     single = np.concatenate([onnx.predict(batch[i : i + 1]) for i in range(len(batch))])
     assert np.max(np.abs(single - keras)) <= MAX_FLOAT32_DELTA
@@ -210,6 +221,31 @@ def test_absent_failed_and_unknown_runtimes_are_refused(
     (copy / RUNTIMES_FILE).write_text(json.dumps(record))
     with pytest.raises(ModelError, match="'tflite-int8' is not usable: failed its parity"):
         load_predictor(copy, "tflite-int8")
+
+
+def test_a_runtime_beyond_the_probability_bound_is_refused(
+    registered: tuple[Path, Database], tmp_path: Path
+) -> None:
+    """Same labels and AUC as Keras, probabilities 0.05 off: never served.
+
+    A record written before the bound (format 1, labels and AUC only) may call such a file
+    usable; loading holds it to the bound all the same.
+    """
+    path, _ = registered
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns("model.onnx"))
+    record = _record(copy)
+    del record["runtimes"]["onnx"]
+    entry = record["runtimes"]["tflite-int8"]
+    entry["usable"] = True
+    entry["images_per_s"] = 1e6  # fastest by far: auto would pick it
+    entry["parity"].update(max_abs_delta_probability=0.05, label_agreement=1.0, failed=[])
+    record["format"] = 1
+    (copy / RUNTIMES_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelError, match=r"max \|Δprobability\| 0\.0500 > 0\.02"):
+        load_predictor(copy, "tflite-int8")
+    assert auto_choice(record) == "keras"
+    assert load_predictor(copy, "auto").runtime == "keras"
 
 
 def test_corrupt_runtime_file_and_foreign_record_are_refused(
@@ -297,6 +333,15 @@ def test_parity_criteria() -> None:
     labels = (np.arange(200) % 2).astype(np.int64)
     same = int8_parity(ref, ref + 1e-4, 0.5, labels)
     assert same["passed"] and same["label_agreement"] == 1.0 and same["auc_delta"] == 0.0
+    # Every label and the AUC as Keras's, but probabilities 0.03 off: refused.
+    mid = np.linspace(0.1, 0.9, 200)
+    shifted = int8_parity(mid, mid + 0.03 * np.sign(mid - 0.5), 0.5, labels)
+    assert shifted["label_agreement"] == 1.0 and shifted["auc_delta"] == 0.0
+    assert not shifted["passed"]
+    assert shifted["failed"] == ["max |Δprobability| 0.0300 > 0.02"]
+    assert refusal(shifted) == (
+        "failed its parity check against Keras: max |Δprobability| 0.0300 > 0.02"
+    )
     # Two labels of 200 flip at the threshold: 99.0 % < 99.5 %.
     flipped = ref.copy()
     near = np.argsort(np.abs(ref - 0.5))[:2]

@@ -17,9 +17,11 @@ import pytest
 
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.model.bundle import BASE_NAME, load_keras_model, read_bundle, split_images
+from pacs_classifier.model.ood import read_ood
 from pacs_classifier.model.validation_scores import read_validation_scores
 from pacs_classifier.train.data import list_samples, patient_group, patient_split
 from pacs_classifier.train.model import BaseWeights, build_base
+from pacs_classifier.train.stress import SHIFTS
 from pacs_classifier.train.trainer import TrainOptions, train
 
 SIZE = 75
@@ -202,6 +204,13 @@ def test_bundle_metadata_and_plots(tiny_bundle: Path, tiny_data: Path) -> None:
     final = meta.metrics.final
     # the threshold rule holds on validation
     assert final.sensitivity is not None and final.sensitivity >= 0.97
+    # The out-of-distribution check is fitted for every new bundle, on its own split.
+    ood = read_ood(info)
+    assert ood is not None and ood.bundle_sha256 == info.sha256
+    # Each pool: the clean images and each of them under every trained-in shift.
+    pooled = 1 + sum(s.in_training for s in SHIFTS)
+    assert ood.fitted_on == pooled * len(split["train"])
+    assert ood.validation_n == pooled * len(split["val"])
     # the drift report's reference: the validation split's labels and served scores
     scores = read_validation_scores(tiny_bundle)
     assert scores is not None and scores.labels.size == len(split["val"])

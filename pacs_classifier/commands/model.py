@@ -1,15 +1,19 @@
-"""``model register|list|activate``: the model registry in the database."""
+"""``model register|list|activate|calibrate|compare``: the model registry in the database,
+and local acceptance at a site (:mod:`pacs_classifier.model.site`)."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacs_classifier.errors import PermanentError
 from pacs_classifier.times import format_utc
 from pacs_classifier.wiring import load_app
+
+if TYPE_CHECKING:
+    from pacs_classifier.model.site import Scores
 
 ORDER = 42
 
@@ -39,12 +43,39 @@ def register(sub: Any) -> None:
         help="skip exporting to ONNX / int8 TFLite (each is kept only if it "
         "passes its parity check against Keras); Keras serves alone",
     )
+    reg.add_argument(
+        "--static-int8",
+        action="store_true",
+        help="when dynamic-range int8 fails its parity check, also try static int8 "
+        "calibrated on training images under --data (minutes; docs/benchmarks.md)",
+    )
     reg.set_defaults(func=run_register)
     lst = msub.add_parser("list", help="registered models")
     lst.set_defaults(func=run_list)
     act = msub.add_parser("activate", help="make a registered model the active one")
     act.add_argument("version")
     act.set_defaults(func=run_activate)
+    cal = msub.add_parser(
+        "calibrate",
+        help="local acceptance: evaluate a model on the site's labelled sample, refit its "
+        "calibration and threshold there and register the result as a new (inactive) version",
+    )
+    cal.add_argument("--model", required=True, metavar="VERSION", help="registered version")
+    cal.add_argument(
+        "--labels",
+        required=True,
+        type=Path,
+        metavar="FILE|DIR",
+        help="CSV of stored instances (columns sop_instance_uid,label) or a folder with "
+        "NORMAL/ and PNEUMONIA/ sub-folders; labels are PNEUMONIA or NORMAL",
+    )
+    cal.set_defaults(func=run_calibrate)
+    cmp = msub.add_parser(
+        "compare", help="registered versions, as each would serve, on the same labelled sample"
+    )
+    cmp.add_argument("versions", nargs="+", metavar="VERSION")
+    cmp.add_argument("--labels", required=True, type=Path, metavar="FILE|DIR")
+    cmp.set_defaults(func=run_compare)
 
 
 def actor() -> str:
@@ -72,6 +103,7 @@ def run_register(args: argparse.Namespace) -> int:
             activate=args.activate,
             export=not args.no_export,
             data_root=data_root,
+            static_int8=args.static_int8,
         )
     finally:
         app.close()
@@ -126,4 +158,56 @@ def run_activate(args: argparse.Namespace) -> int:
     finally:
         app.close()
     print(f"model {row.version} is now active")
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _sample_line(scores: Scores) -> str:
+    refused = sum(scores.not_assessed.values())
+    why = ", ".join(f"{n} {reason}" for reason, n in scores.not_assessed.items())
+    return (
+        f"sample {scores.sample.source}: {len(scores.sample.cases)} cases, {scores.n} assessed "
+        f"({scores.positives} PNEUMONIA, {scores.negatives} NORMAL)"
+        + (f", {refused} not assessed ({why})" if refused else "")
+        + f"; runtime {scores.runtime}"
+    )
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pacs_classifier.model.site import calibrate_site, compare_table
+
+    app = load_app(args)
+    try:
+        done = calibrate_site(app.checked_db(), app.config, args.model, args.labels, actor=actor())
+    finally:
+        app.close()
+    fit = done.fit
+    print(_sample_line(fit.scores))
+    print(_table(compare_table([fit.before, fit.after])))
+    print(f"at the new threshold: {fit.adequacy.bounds_text()}")
+    print(
+        f"model {done.version} registered, not active (derived from {args.model}); "
+        f"to serve it: pacs-classifier model activate {done.version}"
+    )
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pacs_classifier.model.site import compare_table, compare_versions
+
+    app = load_app(args)
+    try:
+        scores, evaluations = compare_versions(
+            app.checked_db(), app.config, args.versions, args.labels
+        )
+    finally:
+        app.close()
+    print(_sample_line(scores))
+    print(_table(compare_table(evaluations)))
     return 0

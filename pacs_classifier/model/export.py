@@ -1,17 +1,27 @@
 """Export a registered bundle to faster runtimes, each admitted only by a parity check.
 
-At registration the Keras model is converted to
+At registration the Keras model (with the pooled features as its second output, see
+:func:`pacs_classifier.model.runtime.with_features`) is converted to
 
 - ``model.onnx``: ONNX Runtime, float32 (tf2onnx);
-- ``model.int8.tflite``: LiteRT/TFLite with dynamic-range int8 weights (TensorFlow's
-  converter, from a SavedModel of the same model).
+- ``model.int8.tflite``: LiteRT/TFLite with int8 weights (TensorFlow's converter, from a
+  SavedModel of the same model): dynamic-range quantisation first; when that fails its
+  parity check, static quantisation (weights and activations, calibrated on up to
+  ``STATIC_CALIBRATION_IMAGES`` *training* images of the bundle's split, never on the
+  parity images); the record says which (``quantisation``).
 
-Each file is run on validation-like inputs beside the Keras model, and recorded as usable
-only when it agrees with Keras:
+Each file is run on validation inputs beside the Keras model, and recorded as usable only
+when it serves the probabilities that were evaluated:
 
-- float32: max |Δprobability| ≤ 1e-3 (calibrated probabilities, as served);
-- int8: identical labels (at the bundle's threshold) on ≥ 99.5 % of the images and
+- every runtime: max |Δprobability| against Keras ≤ its bound (calibrated probabilities,
+  as served): ``MAX_FLOAT32_DELTA`` (1e-3) for ONNX, ``MAX_PROBABILITY_DELTA`` (0.02) for
+  int8;
+- int8 also: identical labels (at the bundle's threshold) on ≥ 99.5 % of the images and
   AUC within 0.002 of Keras's.
+
+When the bundle has an out-of-distribution check (``ood.npz``), the record also compares
+each runtime's OOD scores with Keras's on the parity inputs and on the synthetic set, for
+information (``ood``): the check's threshold was set on Keras's features.
 
 Parity inputs are the bundle's validation images: the ``val`` entries of ``split.json``,
 relative to the dataset root the caller gives (``data_root``: ``model register --data DIR``
@@ -25,7 +35,8 @@ one label only, the AUC is undefined and recorded as such.
 The numbers, each file's SHA-256, and the images/s each runtime reached on the parity
 inputs (batches of 8, after one warm-up batch) go to ``runtimes.json``; ``metadata.json``
 is not touched, since its checksums identify the bundle. A failed export or parity check
-is logged and recorded, never raised: registration goes on with Keras.
+is logged and recorded (``usable: false`` with the reason), never raised: registration
+goes on with Keras, and a runtime that is not usable is never served.
 """
 
 from __future__ import annotations
@@ -48,22 +59,28 @@ import numpy.typing as npt
 from pacs_classifier.errors import ModelError, NotAssessable
 from pacs_classifier.model.bundle import BundleInfo, read_bundle, sha256_file, split_images
 from pacs_classifier.model.metrics import roc_auc
+from pacs_classifier.model.ood import OodModel, read_ood
 from pacs_classifier.model.runtime import (
     EXPORTED_FILES,
+    MAX_PROBABILITY_DELTA,
     RUNTIMES_FILE,
     RUNTIMES_FORMAT,
+    Inference,
     KerasPredictor,
     Predictor,
     auto_choice,
     default_threads,
     read_runtimes,
     read_verified,
+    refusal,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_FLOAT32_DELTA = 1e-3
 MIN_INT8_LABEL_AGREEMENT = 0.995
+#: Training images that calibrate static int8 quantisation's activation ranges.
+STATIC_CALIBRATION_IMAGES = 200
 MAX_INT8_AUC_DELTA = 0.002
 ONNX_OPSET = 17
 SPEED_BATCH = 8
@@ -91,8 +108,15 @@ def export_runtimes(
     threads: int | None = None,
     force: bool = False,
     data_root: Path | None = None,
+    static_int8: bool = False,
 ) -> dict[str, Any]:
     """Export, check and record the faster runtimes of a (registered) bundle folder.
+
+    ``static_int8``: when dynamic-range int8 fails its parity check, also try static int8
+    (activations calibrated on training images under ``data_root``). Off by default: it
+    costs minutes, and for the reference model it is further off than dynamic-range
+    (max |Δp| 0.95 against 0.065, docs/benchmarks.md), since the equalisation layer does
+    not survive 8-bit activations.
 
     ``data_root`` is the labelled dataset the bundle's ``split.json`` is relative to; its
     validation images are the parity inputs (synthetic ones without it). Returns the record
@@ -115,6 +139,9 @@ def export_runtimes(
     inputs = parity_inputs(info, max_images, data_root=data_root)
     log.info("Keras reference on %d parity images", len(inputs.x))
     ref, keras_speed = _timed_predict(keras_pred, inputs.x)
+    check = _ParityCheck(
+        info, inputs, ref, _ood_reference(info, keras_pred, ref), threads, data_root, static_int8
+    )
     record: dict[str, Any] = {
         "format": RUNTIMES_FORMAT,
         "bundle_sha256": info.sha256,
@@ -129,6 +156,7 @@ def export_runtimes(
         "criteria": {
             "onnx": {"max_abs_delta_probability": MAX_FLOAT32_DELTA},
             "tflite-int8": {
+                "max_abs_delta_probability": MAX_PROBABILITY_DELTA,
                 "min_label_agreement": MIN_INT8_LABEL_AGREEMENT,
                 "max_auc_delta": MAX_INT8_AUC_DELTA,
             },
@@ -137,9 +165,7 @@ def export_runtimes(
         "runtimes": {},
     }
     for name in runtimes:
-        record["runtimes"][name] = _export_and_check(
-            name, keras_pred.model, info, inputs, ref, threads
-        )
+        record["runtimes"][name] = _export_and_check(name, keras_pred.model, check)
     record["auto"] = auto_choice(record)
     _write_atomic(info.path / RUNTIMES_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     log.info(
@@ -215,12 +241,14 @@ def synthetic_inputs(size: int, seed: int = 0) -> npt.NDArray[np.float32]:
 
 
 def float32_parity(ref: npt.NDArray[np.float64], got: npt.NDArray[np.float64]) -> dict[str, Any]:
-    """ONNX's criterion: the largest |Δprobability| against Keras."""
+    """ONNX's criterion: the largest |Δprobability| against Keras (float32: 1e-3)."""
     delta = float(np.max(np.abs(got - ref))) if len(ref) else float("nan")
+    passed = bool(delta <= MAX_FLOAT32_DELTA)
     return {
         "max_abs_delta_probability": delta,
         "mean_abs_delta_probability": float(np.mean(np.abs(got - ref))) if len(ref) else None,
-        "passed": bool(delta <= MAX_FLOAT32_DELTA),
+        "passed": passed,
+        "failed": [] if passed else [f"max |Δprobability| {delta:.2e} > {MAX_FLOAT32_DELTA:g}"],
     }
 
 
@@ -230,20 +258,27 @@ def int8_parity(
     threshold: float,
     labels: npt.NDArray[np.int64] | None,
 ) -> dict[str, Any]:
-    """int8's criteria: label agreement at the threshold, and AUC against Keras's.
+    """int8's criteria: |Δprobability| ≤ ``MAX_PROBABILITY_DELTA``, label agreement at the
+    threshold, and AUC against Keras's.
 
     ``labels`` are the true labels; without them Keras's own labels stand in (see the
     module docstring).
     """
+    max_delta = float(np.max(np.abs(got - ref))) if len(ref) else 0.0
     ref_labels = ref >= threshold
     agreement = float(np.mean(ref_labels == (got >= threshold))) if len(ref) else 0.0
     truth = labels if labels is not None else ref_labels.astype(np.int64)
     auc_ref, auc_got = roc_auc(truth, ref), roc_auc(truth, got)
     auc_defined = not (np.isnan(auc_ref) or np.isnan(auc_got))
     auc_delta = abs(auc_got - auc_ref) if auc_defined else None
-    passed = agreement >= MIN_INT8_LABEL_AGREEMENT and (
-        auc_delta is None or auc_delta <= MAX_INT8_AUC_DELTA
-    )
+    failed = []
+    if max_delta > MAX_PROBABILITY_DELTA:
+        failed.append(f"max |Δprobability| {max_delta:.4f} > {MAX_PROBABILITY_DELTA:g}")
+    if agreement < MIN_INT8_LABEL_AGREEMENT:
+        failed.append(f"label agreement {agreement:.4f} < {MIN_INT8_LABEL_AGREEMENT:g}")
+    if auc_delta is not None and auc_delta > MAX_INT8_AUC_DELTA:
+        failed.append(f"AUC differs by {auc_delta:.4f} > {MAX_INT8_AUC_DELTA:g}")
+    passed = not failed
     return {
         "label_agreement": agreement,
         "labels_differing": int(np.sum(ref_labels != (got >= threshold))),
@@ -252,47 +287,132 @@ def int8_parity(
         "auc_keras": auc_ref if auc_defined else None,
         "auc": auc_got if auc_defined else None,
         "auc_delta": auc_delta,
-        "max_abs_delta_probability": float(np.max(np.abs(got - ref))) if len(ref) else None,
+        "max_abs_delta_probability": max_delta,
+        "mean_abs_delta_probability": float(np.mean(np.abs(got - ref))) if len(ref) else None,
         "passed": bool(passed),
+        "failed": failed,
     }
 
 
-def _export_and_check(
-    name: str,
-    model: Any,
-    info: BundleInfo,
-    inputs: ParityInputs,
-    ref: npt.NDArray[np.float64],
-    threads: int | None,
+@dataclass(frozen=True)
+class _ParityCheck:
+    """What every runtime is compared with: Keras on the parity inputs."""
+
+    info: BundleInfo
+    inputs: ParityInputs
+    ref: Inference
+    ood: _OodReference | None
+    threads: int | None
+    data_root: Path | None
+    static_int8: bool
+
+
+@dataclass(frozen=True)
+class _OodReference:
+    """Keras's OOD scores on the parity inputs and the synthetic set."""
+
+    model: OodModel
+    synthetic: npt.NDArray[np.float32]
+    scores: npt.NDArray[np.float64]
+
+
+def _ood_reference(info: BundleInfo, keras_pred: Predictor, ref: Inference) -> _OodReference | None:
+    try:
+        model = read_ood(info)
+    except ModelError as exc:
+        log.warning("%s: OOD scores not compared: %s", info.version, exc)
+        return None
+    synthetic = synthetic_inputs(info.image_size)
+    syn_features = keras_pred.infer(synthetic).features if model is not None else None
+    if model is None or ref.features is None or syn_features is None:
+        return None
+    scores = np.concatenate([model.score(ref.features), model.score(syn_features)])
+    return _OodReference(model, synthetic, scores)
+
+
+def _export_and_check(name: str, model: Any, check: _ParityCheck) -> dict[str, Any]:
+    if name != "tflite-int8":
+        return _export_one(name, _CONVERTERS[name], model, check)
+    entry = _export_one(name, to_tflite_int8, model, check)
+    entry["quantisation"] = "dynamic-range"
+    if entry["usable"] or "parity" not in entry:
+        return entry
+    if not check.static_int8:
+        entry["static"] = "not tried (model register --static-int8 tries it)"
+        return entry
+    calibration = _calibration_images(check.info, check.data_root)
+    if calibration is None:
+        entry["static"] = "not tried: no training images of the bundle to calibrate on"
+        return entry
+    log.info(
+        "dynamic-range int8 failed parity; trying static int8 (calibrated on %d training images)",
+        len(calibration),
+    )
+    static = _export_one(name, lambda m, size: to_tflite_int8_static(m, calibration), model, check)
+    static["quantisation"] = "static"
+    static["calibration_images"] = len(calibration)
+    static["dynamic_range"] = {
+        k: entry[k] for k in ("parity", "images_per_s", "refused", "ood") if k in entry
+    }
+    if static["usable"] or "parity" in static:
+        return static
+    entry["static"] = static.get("error", "failed")
+    return entry
+
+
+def _export_one(
+    name: str, convert: Callable[[Any, int], bytes], model: Any, check: _ParityCheck
 ) -> dict[str, Any]:
+    info, inputs, ref = check.info, check.inputs, check.ref
     file = info.path / EXPORTED_FILES[name]
     entry: dict[str, Any] = {"file": file.name, "usable": False}
     started = time.perf_counter()
     log.info("converting %s to %s", info.version, name)
     try:
-        data = _CONVERTERS[name](model, info.image_size)
+        data = convert(model, info.image_size)
         _write_atomic_bytes(file, data)
         entry["export_s"] = round(time.perf_counter() - started, 2)
         entry["sha256"] = sha256_file(file)
         entry["size_bytes"] = len(data)
         entry["versions"] = _versions(name)
-        predictor = _load_file(name, info, entry["sha256"], threads)
+        predictor = _load_file(name, info, entry["sha256"], check.threads)
         got, speed = _timed_predict(predictor, inputs.x)
+        if check.ood is not None:
+            entry["ood"] = _ood_parity(check.ood, predictor, got)
     except Exception as exc:  # any converter failure is recorded; Keras still serves
         log.exception("export of %s to %s failed", info.version, name)
         entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
         return entry
     entry["images_per_s"] = speed
     if name == "onnx":
-        entry["parity"] = float32_parity(ref, got)
+        entry["parity"] = float32_parity(ref.probability, got.probability)
     else:
-        entry["parity"] = int8_parity(ref, got, info.threshold, inputs.labels)
+        entry["parity"] = int8_parity(
+            ref.probability, got.probability, info.threshold, inputs.labels
+        )
+    entry["features"] = got.features is not None
     entry["usable"] = entry["parity"]["passed"]
     if not entry["usable"]:
-        log.warning("%s of %s failed its parity check: %s", name, info.version, entry["parity"])
+        entry["refused"] = refusal(entry["parity"])
+        log.warning("%s of %s refused: %s", name, info.version, entry["refused"])
     else:
         log.info("%s passed its parity check (%s images/s)", name, speed or "?")
     return entry
+
+
+def _ood_parity(ood: _OodReference, predictor: Predictor, got: Inference) -> dict[str, Any]:
+    """This runtime's OOD scores against Keras's (parity inputs, then the synthetic set)."""
+    syn = predictor.infer(ood.synthetic).features
+    if got.features is None or syn is None:
+        return {"features": False}
+    scores = np.concatenate([ood.model.score(got.features), ood.model.score(syn)])
+    t = ood.model.threshold
+    rel = np.abs(scores - ood.scores) / np.maximum(ood.scores, 1e-9)
+    return {
+        "images": len(scores),
+        "max_rel_delta_score": float(np.max(rel)),
+        "decisions_differing": int(np.sum((scores > t) != (ood.scores > t))),
+    }
 
 
 def _load_file(name: str, info: BundleInfo, sha256: str, threads: int | None) -> Predictor:
@@ -321,13 +441,34 @@ def to_tflite_int8(model: Any, image_size: int) -> bytes:
     Converted from a SavedModel: converting a ``tf.function`` of a Keras 3 model directly
     leaves its variables as resource reads, which LiteRT runs as NaN.
     """
+    del image_size  # the SavedModel's signature carries it
+    return _to_tflite(model, None)
+
+
+def to_tflite_int8_static(model: Any, calibration: npt.NDArray[np.float32]) -> bytes:
+    """The Keras model as TFLite with int8 weights and activations (float32 in and out).
+
+    Activation ranges are calibrated on ``calibration`` (normalised training images);
+    operations without an int8 kernel stay in float32.
+    """
+    return _to_tflite(model, calibration)
+
+
+def _to_tflite(model: Any, calibration: npt.NDArray[np.float32] | None) -> bytes:
     import tensorflow as tf
 
-    del image_size  # the SavedModel's signature carries it
     with tempfile.TemporaryDirectory(prefix="pacs-tflite-") as tmp:
         model.export(tmp, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no dataset: dynamic range
+        if calibration is not None:
+            images = calibration
+
+            def representative() -> Any:
+                for i in range(len(images)):
+                    yield [images[i : i + 1]]
+
+            converter.representative_dataset = representative
         return bytes(converter.convert())
 
 
@@ -339,16 +480,39 @@ _CONVERTERS: dict[str, Callable[[Any, int], bytes]] = {
 
 def _timed_predict(
     predictor: Predictor, x: npt.NDArray[np.float32], batch: int = SPEED_BATCH
-) -> tuple[npt.NDArray[np.float64], float | None]:
-    """Calibrated probabilities for ``x`` and images/s after the first (warm-up) batch."""
-    out = [predictor.predict(x[:batch])]
+) -> tuple[Inference, float | None]:
+    """Probabilities and features for ``x``; images/s after the first (warm-up) batch."""
+    out = [predictor.infer(x[:batch])]
     started = time.perf_counter()
     for i in range(batch, len(x), batch):
-        out.append(predictor.predict(x[i : i + batch]))
+        out.append(predictor.infer(x[i : i + batch]))
     elapsed = time.perf_counter() - started
     timed = len(x) - min(batch, len(x))
     speed = round(timed / elapsed, 2) if timed and elapsed > 0 else None
-    return np.concatenate(out), speed
+    return _concat(out), speed
+
+
+def _concat(parts: Sequence[Inference]) -> Inference:
+    feats = [p.features for p in parts]
+    return Inference(
+        np.concatenate([p.probability for p in parts]),
+        None if any(f is None for f in feats) else np.concatenate(feats),  # type: ignore[arg-type]
+    )
+
+
+def _calibration_images(info: BundleInfo, data_root: Path | None) -> npt.NDArray[np.float32] | None:
+    """Up to ``STATIC_CALIBRATION_IMAGES`` normalised training images, or None."""
+    if data_root is None:
+        return None
+    try:
+        files = split_images(info, data_root, "train")
+    except ModelError as exc:
+        log.warning("%s: no training images for static int8: %s", info.version, exc)
+        return None
+    if not files:
+        return None
+    x, _, _ = _normalise(_spread(files, STATIC_CALIBRATION_IMAGES), info.image_size)
+    return np.stack(x) if x else None
 
 
 def _validation_files(
@@ -396,7 +560,11 @@ def _current_record(info: BundleInfo, runtimes: Sequence[str]) -> dict[str, Any]
     """The existing record when it covers ``runtimes`` and every usable file is intact."""
     try:
         record = read_runtimes(info)
-        if record is None or set(runtimes) - set(record["runtimes"]):
+        if (
+            record is None
+            or record.get("format") != RUNTIMES_FORMAT
+            or set(runtimes) - set(record["runtimes"])
+        ):
             return None
         for name, entry in record["runtimes"].items():
             if entry.get("usable"):

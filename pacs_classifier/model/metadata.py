@@ -219,6 +219,68 @@ class DerivedFrom(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SiteSample(Section):
+    """The labelled sample of a site calibration (it names no patient)."""
+
+    #: The labels CSV or folder, as given to ``model calibrate``.
+    source: str | None = None
+    #: ``instances`` (a CSV of stored instances' UIDs) or ``folder`` (NORMAL/, PNEUMONIA/).
+    kind: str | None = None
+    #: SHA-256 of the sorted ``ref:LABEL`` lines: the same labels give the same digest.
+    sha256: str | None = None
+    cases: int | None = None
+    assessed: int | None = None
+    positives: int | None = None
+    negatives: int | None = None
+    #: Cases the serving path did not assess, by reason code (left out of the metrics).
+    not_assessed: Mapping[str, int] | None = None
+    #: The serving runtime the cases were scored with.
+    runtime: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitePoint(Section):
+    """One version's calibration and threshold, and what they give on the site's sample."""
+
+    version: str | None = None
+    threshold: float | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    metrics: ValidationMetrics = field(default_factory=ValidationMetrics)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcceptanceBounds(Section):
+    """Exact lower confidence bounds at the new threshold, the floors they had to reach,
+    and the cases of each class a sample needs to reach them."""
+
+    method: str | None = None
+    confidence: float | None = None
+    sensitivity_lower: float | None = None
+    sensitivity_floor: float | None = None
+    specificity_lower: float | None = None
+    specificity_floor: float | None = None
+    positives_needed: int | None = None
+    negatives_needed: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteAcceptance(Section):
+    """Local acceptance (``model calibrate``): the source version and the calibration and
+    threshold refitted for a site, both measured on the site's labelled sample."""
+
+    date: datetime | None = None
+    sample: SiteSample = field(default_factory=SiteSample)
+    target_sensitivity: float | None = None
+    before: SitePoint = field(default_factory=SitePoint)
+    after: SitePoint = field(default_factory=SitePoint)
+    bounds: AcceptanceBounds = field(default_factory=AcceptanceBounds)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class BundleMetadata(Section):
     """Everything ``metadata.json`` holds (SPEC §6)."""
 
@@ -237,6 +299,8 @@ class BundleMetadata(Section):
     data: DataSummary | None = None
     metrics: Metrics = field(default_factory=Metrics)
     derived_from: DerivedFrom | None = None
+    #: Set by ``model calibrate`` on the version it derives for a site.
+    site_acceptance: SiteAcceptance | None = None
     seed: int | None = None
     #: Free-form: the trainer's options, per-epoch history, cross-validation, stress suite.
     training: Mapping[str, Any] | None = None
@@ -408,6 +472,7 @@ __all__ = [
     "MODEL_FILES",
     "SPLIT_FILE",
     "WEIGHTS_FILE",
+    "AcceptanceBounds",
     "Architecture",
     "BaseWeightsRecord",
     "BundleMetadata",
@@ -418,6 +483,9 @@ __all__ = [
     "Metrics",
     "Preprocessing",
     "Section",
+    "SiteAcceptance",
+    "SitePoint",
+    "SiteSample",
     "SplitSummary",
     "Threshold",
     "ValidationMetrics",

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,13 @@ def register_bundle(
     activate: bool = False,
     export: bool = False,
     data_root: Path | None = None,
+    static_int8: bool = False,
+    events: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> Model:
     """Check ``source``, copy it to ``model_dir/<version>`` and record it.
 
+    ``events``: further audit events about the new model, as (action, detail), written in
+    the same transaction as its row (``model calibrate`` records its provenance so).
     With ``export``, the copy is also exported to the faster runtimes that pass their parity
     check (:mod:`pacs_classifier.model.export`, a minute or two per model) on the bundle's
     validation images under ``data_root`` (synthetic inputs without it); a failure there is
@@ -60,7 +65,7 @@ def register_bundle(
             return existing
     dest = _install(info, model_dir)
     log.info("model %s copied to %s", info.version, dest)
-    runtimes = _export_runtimes(dest, data_root) if export else None
+    runtimes = _export_runtimes(dest, data_root, static_int8) if export else None
     try:
         with db.session() as session:
             row = Model(
@@ -90,6 +95,16 @@ def register_bundle(
                     **({"runtimes": runtimes} if runtimes is not None else {}),
                 },
             )
+            for action, detail in events:
+                append_event(
+                    session,
+                    actor=actor,
+                    action=action,
+                    entity_type="model",
+                    entity_id=row.id,
+                    outcome="ok",
+                    detail=detail,
+                )
             if activate:
                 _activate(session, row, actor)
             return row
@@ -98,12 +113,12 @@ def register_bundle(
         raise
 
 
-def _export_runtimes(dest: Path, data_root: Path | None) -> dict[str, Any]:
+def _export_runtimes(dest: Path, data_root: Path | None, static_int8: bool) -> dict[str, Any]:
     """Export the registered copy; a summary for the audit trail. Never raises."""
     from pacs_classifier.model.export import export_runtimes
 
     try:
-        record = export_runtimes(dest, data_root=data_root)
+        record = export_runtimes(dest, data_root=data_root, static_int8=static_int8)
     except Exception as exc:  # serving falls back to Keras; the failure is recorded
         log.exception("runtime export of %s failed", dest)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}

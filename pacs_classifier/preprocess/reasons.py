@@ -26,6 +26,12 @@ BAD_DIMENSIONS: Final = "bad_dimensions"
 #: (preprocess/integrity.py).
 CORRUPT_IMAGE: Final = "corrupt_image"
 
+# Content: what the model sees (the worker, after inference).
+#: The model's own features of the image lie far from those of its training chest
+#: radiographs (model/ood.py): a non-chest image whose metadata did not say so, or a
+#: picture that is no radiograph at all.
+OUT_OF_DISTRIBUTION: Final = "out_of_distribution"
+
 # Provenance: what the instance is, whatever its pixels.
 #: An object this daemon made (SR, Grad-CAM overlay) that came back to its listener.
 OWN_OUTPUT: Final = "own_output"
@@ -44,6 +50,7 @@ ALL: Final[frozenset[str]] = frozenset(
         TOO_LARGE,
         BAD_DIMENSIONS,
         CORRUPT_IMAGE,
+        OUT_OF_DISTRIBUTION,
         OWN_OUTPUT,
     }
 )

@@ -323,11 +323,13 @@ class JobQueue:
     def mark_not_assessed(
         self,
         outcomes: Sequence[tuple[ClaimedJob, str]],
+        details: Mapping[int, Mapping[str, object]] | None = None,
         *,
         plan: NotAssessedPlanner | None = None,
     ) -> None:
         """End jobs ``not_assessed`` with their reason codes (no retry: the input is what it is).
 
+        ``details`` (by job id) adds to a job's audit event, e.g. the score that refused it.
         ``plan``, called in the same transaction with the jobs this worker still held,
         queues what follows from them (``[results] sr_not_assessed``) and returns extra
         audit detail per job, in order.
@@ -345,7 +347,11 @@ class JobQueue:
             if plan is not None and held:
                 extra = dict(zip((j.id for j, _ in held), plan(session, held), strict=True))
             for job, reason in outcomes:
-                detail: dict[str, object] = {"reason": reason, **extra.get(job.id, {})}
+                detail: dict[str, object] = {
+                    "reason": reason,
+                    **(details or {}).get(job.id, {}),
+                    **extra.get(job.id, {}),
+                }
                 self._audit_outcome(session, job, "not_assessed", detail)
             ended = [ended_job(job, JobState.NOT_ASSESSED) for job, _ in held]
         self.ended(ended)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pacs_classifier.errors import PermanentError
+from pacs_classifier.errors import ModelError, PermanentError
 from pacs_classifier.model import metrics as mt
 from pacs_classifier.model.bundle import (
     BASE_NAME,
@@ -267,7 +267,22 @@ def train(opts: TrainOptions) -> TrainResult:
 
     write_training_plots(opts.out / "plots", metadata, y_val, p_val)
     write_metadata(opts.out, metadata)  # plots do not change the model files' checksums
+    _fit_ood(opts)
     return TrainResult(opts.out, metadata)
+
+
+def _fit_ood(opts: TrainOptions) -> None:
+    """The bundle's out-of-distribution check (``ood.npz``, a file of its own).
+
+    A failure is logged, not raised: the bundle serves without the check, as any bundle
+    without ``ood.npz`` does, and ``scripts/fit_ood.py`` can fit it later.
+    """
+    from pacs_classifier.train.ood import fit_bundle_ood
+
+    try:
+        fit_bundle_ood(opts.out, data=opts.data)
+    except (ModelError, PermanentError) as exc:
+        log.warning("%s: out-of-distribution check not fitted: %s", opts.out, exc)
 
 
 def _operating_point(
