@@ -1,10 +1,16 @@
 """The classification worker: claim → check → normalise → infer → record, pipelined.
 
-Two threads per worker. The *preparer* claims a batch (up to ``batch_size`` jobs, waiting
-at most ``max_batch_wait_ms`` for it to fill), checks eligibility and normalises the pixels;
-the *inferer* runs the model on the previous batch meanwhile and records the predictions.
-A bounded hand-over queue of one batch keeps leases short: at most two batches are held
-beyond the one being inferred.
+The *preparer* thread claims a batch (up to ``batch_size`` jobs, waiting at most
+``max_batch_wait_ms`` for it to fill), and has a bounded pool of :func:`decode_threads`
+threads check eligibility and normalise the pixels of its files side by side (NumPy and the
+C decoders release the interpreter for part of their work); the *inferer* runs the model on the
+previous batch meanwhile and records the predictions. A bounded hand-over queue of one
+batch keeps leases short and memory flat under a burst: at most two batches are held
+beyond the one being inferred, whatever the backlog.
+
+A job that was claimed before and came back without an outcome (its worker died holding
+it, or a retry) is claimed alone (:meth:`~pacs_classifier.queue.jobs.JobQueue.claim`): a
+file that crashes the decoder then takes down only itself, not the batch it arrived in.
 
 Outcomes per job:
 
@@ -26,10 +32,12 @@ the batches already prepared and releases anything claimed but not prepared.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +65,22 @@ log = logging.getLogger(__name__)
 #: Loads a predictor for a registered model (the bundle path and runtime name).
 PredictorLoader = Callable[[str, str], Predictor]
 
+#: Test hook: the worker process aborts (SIGABRT, as a crashing codec would) when it is
+#: about to decode the instance with this SOP Instance UID. Inert when unset.
+ABORT_ON_UID_ENV = "PACS_CLASSIFIER_TEST_ABORT_ON_UID"
+#: The most decode threads a worker uses, however many cores it is given.
+MAX_DECODE_THREADS = 4
+
+
+def decode_threads() -> int:
+    """Decode threads for this process: the cores it may run on, at most
+    :data:`MAX_DECODE_THREADS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DECODE_THREADS))
+
 
 def _default_loader(path: str, runtime: str) -> Predictor:
     return load_predictor(path, runtime)
@@ -70,6 +94,8 @@ class PreparedBatch:
     model_path: str
     jobs: list[ClaimedJob]
     tensors: npt.NDArray[np.float32]
+    #: A job claimed before, run with nothing else in flight (see the module docstring).
+    alone: bool = False
 
 
 @dataclass
@@ -81,7 +107,11 @@ class WorkerStats:
     retried: int = 0
     failed: int = 0
     batches: int = 0
+    #: Wall time of the three stages, summed over batches: checking and normalising a
+    #: batch's files (on the decode pool), inference, recording the outcomes.
+    prepare_seconds: float = 0.0
     infer_seconds: float = 0.0
+    record_seconds: float = 0.0
 
 
 class Worker:
@@ -115,6 +145,11 @@ class Worker:
         self.stats = WorkerStats()
         self._handover: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=1)
         self._no_model_logged = False
+        self._decode_threads = decode_threads()
+        #: Batches handed to the inferer and not yet recorded, under ``_idle``.
+        self._unfinished = 0
+        self._idle = threading.Condition()
+        self._abort_on = os.environ.get(ABORT_ON_UID_ENV)
 
     # ------------------------------------------------------------------ loop
 
@@ -132,8 +167,9 @@ class Worker:
 
     def _run(self, stop: threading.Event) -> None:
         self.jobs.reclaim_dead_local()
+        pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="worker-decode")
         preparer = threading.Thread(
-            target=self._prepare_loop, args=(stop,), name="worker-prepare", daemon=True
+            target=self._prepare_loop, args=(stop, pool), name="worker-prepare", daemon=True
         )
         preparer.start()
         try:
@@ -149,19 +185,27 @@ class Worker:
                 if left is not None:
                     self.jobs.release(left.jobs)
             preparer.join()
+            pool.shutdown()
+        st = self.stats
         log.info(
-            "worker %s stopped: %d done, %d not assessed, %d failed",
+            "worker %s stopped: %d done, %d not assessed, %d failed; in %d batch(es) "
+            "prepare %.2f s, infer %.2f s, record %.2f s (%d decode thread(s))",
             self.jobs.worker_id,
-            self.stats.done,
-            self.stats.not_assessed,
-            self.stats.failed,
+            st.done,
+            st.not_assessed,
+            st.failed,
+            st.batches,
+            st.prepare_seconds,
+            st.infer_seconds,
+            st.record_seconds,
+            self._decode_threads,
         )
 
-    def _prepare_loop(self, stop: threading.Event) -> None:
+    def _prepare_loop(self, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
         try:
             while not stop.is_set():
                 try:
-                    batch = self._next_batch(stop)
+                    batch = self._next_batch(stop, pool)
                 except RetryableError as exc:
                     log.warning("worker: %s; retrying", exc)
                     stop.wait(self._poll_s)
@@ -173,17 +217,30 @@ class Worker:
                     continue
                 if not self._hand_over(batch, stop):
                     self.jobs.release(batch.jobs)
+                elif batch.alone:
+                    self._wait_idle(stop)  # claim nothing while it runs
         finally:
             self._handover.put(None)  # the inferer drains what is queued, then stops
 
     def _hand_over(self, batch: PreparedBatch, stop: threading.Event) -> bool:
+        with self._idle:
+            self._unfinished += 1
         while not stop.is_set():
             try:
                 self._handover.put(batch, timeout=0.1)
                 return True
             except queue.Full:
                 continue
+        with self._idle:
+            self._unfinished -= 1
         return False
+
+    def _wait_idle(self, stop: threading.Event) -> bool:
+        """Wait until the inferer has recorded every batch handed over; False: stopping."""
+        with self._idle:
+            while self._unfinished and not stop.is_set():
+                self._idle.wait(0.1)
+        return not stop.is_set()
 
     def _infer_loop(self) -> None:
         while True:
@@ -196,6 +253,10 @@ class Worker:
                 # The database went away mid-batch: the leases run out and the jobs are
                 # claimed again; the unique prediction key makes a second pass harmless.
                 log.error("worker: batch of %d not recorded: %s", len(batch.jobs), exc)
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    self._idle.notify_all()
 
     @property
     def _poll_s(self) -> float:
@@ -211,7 +272,7 @@ class Worker:
                 return None
             return ModelRef(row.id, row.version, row.threshold, row.image_size), row.path
 
-    def _next_batch(self, stop: threading.Event) -> PreparedBatch | None:
+    def _next_batch(self, stop: threading.Event, pool: ThreadPoolExecutor) -> PreparedBatch | None:
         current = self.current_model()
         if current is None:
             if not self._no_model_logged:
@@ -223,14 +284,21 @@ class Worker:
         claimed = self.gather(stop)
         if not claimed:
             return None
-        return self.prepare(claimed, model, path)
+        alone = claimed[0].attempts > 1
+        if alone and not self._wait_idle(stop):
+            self.jobs.release(claimed)
+            return None
+        batch = self.prepare(claimed, model, path, pool)
+        batch.alone = alone
+        return batch
 
     def gather(self, stop: threading.Event) -> list[ClaimedJob]:
-        """Claim up to ``batch_size`` jobs, waiting at most ``max_batch_wait_ms`` to fill."""
+        """Claim up to ``batch_size`` jobs, waiting at most ``max_batch_wait_ms`` to fill;
+        a job claimed before comes alone."""
         size = self.config.worker.batch_size
         claimed = self.jobs.claim(size, run_id=self.run_id, job_ids=self.job_ids)
-        if not claimed:
-            return []
+        if not claimed or claimed[0].attempts > 1:
+            return claimed
         deadline = time.monotonic() + self.config.worker.max_batch_wait_ms / 1000
         while len(claimed) < size and not stop.is_set():
             left = deadline - time.monotonic()
@@ -238,29 +306,46 @@ class Worker:
                 break
             time.sleep(min(left, 0.05))
             claimed += self.jobs.claim(
-                size - len(claimed), run_id=self.run_id, job_ids=self.job_ids
+                size - len(claimed), run_id=self.run_id, job_ids=self.job_ids, fresh_only=True
             )
         return claimed
 
-    def prepare(self, claimed: list[ClaimedJob], model: ModelRef, path: str) -> PreparedBatch:
-        """Check and normalise each job's file; record the jobs that end here."""
+    def prepare(
+        self,
+        claimed: list[ClaimedJob],
+        model: ModelRef,
+        path: str,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> PreparedBatch:
+        """Check and normalise each job's file (on ``pool``'s threads when given); record
+        the jobs that end here."""
         ready: list[ClaimedJob] = []
         tensors: list[npt.NDArray[np.float32]] = []
         not_assessed: list[tuple[ClaimedJob, str]] = []
         failures: list[tuple[ClaimedJob, str, bool]] = []
-        for job in claimed:
+
+        def attempt(job: ClaimedJob) -> npt.NDArray[np.float32] | Exception:
             try:
-                tensors.append(self.tensor_for(job, model.image_size))
+                return self.tensor_for(job, model.image_size)
+            except Exception as exc:  # sorted below, in the preparer's thread
+                return exc
+
+        started = time.perf_counter()
+        outcomes = list(pool.map(attempt, claimed) if pool is not None else map(attempt, claimed))
+        self.stats.prepare_seconds += time.perf_counter() - started
+        for job, outcome in zip(claimed, outcomes, strict=True):
+            if isinstance(outcome, np.ndarray):
+                tensors.append(outcome)
                 ready.append(job)
-            except NotAssessable as exc:
-                not_assessed.append((job, exc.reason))
-            except PermanentError as exc:
-                failures.append((job, _reason(exc), False))
-            except (RetryableError, OSError) as exc:
-                failures.append((job, _reason(exc), True))
-            except Exception as exc:  # a decoder bug must not kill the worker
-                log.exception("job %d: unexpected error while preparing", job.id)
-                failures.append((job, _reason(exc), True))
+            elif isinstance(outcome, NotAssessable):
+                not_assessed.append((job, outcome.reason))
+            elif isinstance(outcome, PermanentError):
+                failures.append((job, _reason(outcome), False))
+            elif isinstance(outcome, RetryableError | OSError):
+                failures.append((job, _reason(outcome), True))
+            else:  # a decoder bug must not kill the worker
+                log.error("job %d: unexpected error while preparing", job.id, exc_info=outcome)
+                failures.append((job, _reason(outcome), True))
         self.jobs.mark_not_assessed(
             not_assessed,
             plan=lambda session, held: self.plan_not_assessed(session, held, model),
@@ -298,6 +383,10 @@ class Worker:
     def tensor_for(self, job: ClaimedJob, image_size: int) -> npt.NDArray[np.float32]:
         """Eligibility first (metadata), then the pixels; raises NotAssessable."""
         from pacs_classifier.preprocess import serving_tensor
+
+        if self._abort_on is not None and job.sop_instance_uid == self._abort_on:
+            log.critical("%s: aborting on job %d", ABORT_ON_UID_ENV, job.id)
+            os.abort()
 
         return serving_tensor(
             self.resolve(job.file_path), image_size, rules=self.config.eligibility
@@ -368,6 +457,7 @@ class Worker:
     def record(self, batch: PreparedBatch, probs: npt.NDArray[np.float64]) -> None:
         """Predictions, job states and audit events of one batch, in one transaction."""
         model = batch.model
+        started = time.perf_counter()
         results: list[tuple[ClaimedJob, str, float]] = []
         held: list[ClaimedJob] = []
         with self.db.session() as session:
@@ -424,6 +514,7 @@ class Worker:
         self.stats.done += len(batch.jobs)
         self.stats.batches += 1
         self.jobs.ended([ended_job(j, JobState.DONE) for j in held])
+        self.stats.record_seconds += time.perf_counter() - started
 
     def _predictor_for(self, model: ModelRef, path: str) -> Predictor:
         if self._predictor is None or self._predictor_model_id != model.id:

@@ -1,23 +1,24 @@
-"""End to end: dcmtk storescu → ``serve`` (listener + worker) → prediction rows, in one run.
+"""The pipeline in one run: ingest only, end to end, latency under load, stages, backfill.
 
-Starts ``pacs-classifier serve --roles listener,worker`` on SQLite in a temporary folder
-with a registered model, generates chest radiographs (CR, MONOCHROME2, 16-bit, CHEST, PA,
-``--size``² pixels, distinct SOP Instance UIDs) and sends them with dcmtk's ``storescu``
-(``TCP_NODELAY=1``). A few warm-up images go first (the worker loads the model on its
-first batch); then, from the database:
+Generates chest radiographs (CR, MONOCHROME2, 12 bits in 16, CHEST, PA, ``--size``²
+pixels, distinct SOP Instance UIDs), registers a model on SQLite in a temporary folder,
+sends with dcmtk's ``storescu`` (``TCP_NODELAY=1``) and reads the rest from the database:
 
-- *end to end images/s*: measured images / (last ``predictions.created_at`` − first
-  ``instances.received_at``);
-- *receive → result latency*: per instance, its first prediction's ``created_at`` minus
-  its ``received_at`` (the moment the listener committed it), p50 / p95 / max.
-
-Beside it, in the same run after ``serve`` has stopped, the raw inference images/s of the
-same bundle and runtime: ``load_predictor(...).predict`` on batches of the worker's
-``batch_size``, on tensors normalised from the generated files.
-
-Two modes: by default all images go on one association as fast as ``storescu`` sends
-them (the backlog case); ``--rate R`` sends one association per image at R images/s
-(steady load, where the p95 latency is the number to watch).
+1. *ingest only*: a listener-only ``serve`` (its own database) takes ``--count`` files on
+   one association: files/s of ``storescu`` (each C-STORE is answered after the commit);
+2. *end to end*: the default ``serve --roles listener,worker`` (one process per role,
+   under the supervisor) after a few warm-up images (the worker loads the model on its
+   first batch): the same number of files in a burst, images/s from the first
+   ``instances.received_at`` to the last ``predictions.created_at``, and its ratio to 1;
+3. *latency*: ``--steady-count`` images at 5 images/s and as many at 80 % of the ingest
+   rate (``--rate R``: one rate instead), one association per image, receive → first
+   prediction per instance, p50 / p95 / max;
+4. *stages*: the worker's stop line (time spent preparing batches on its decode pool,
+   inferring, recording) per image, and the RSS of each role process after the warm-up and
+   at the end;
+5. *backfill*: ``pacs-classifier reclassify --all`` over every stored instance (what the
+   nightly run does, and an archive backfill) against decode + normalise + inference of
+   the same files in one thread of this process, and the raw inference images/s.
 
 The model: ``--bundle PATH`` if given, else with ``--inception 299`` the full InceptionV3
 at 299² as ``bench_inference.py`` builds it, else the reference bundle at
@@ -26,8 +27,7 @@ spot (random weights; the speed of the plumbing, not of a real model). Runtimes 
 than ``keras`` need the export that registration can do: it runs here (with its parity
 check) unless ``--runtime keras``.
 
-    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --count 300
-    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --rate 5 --count 300
+    nice -n 10 .venv/bin/python scripts/bench_pipeline.py --count 300 --steady-count 150
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -413,20 +414,170 @@ def raw_inference(
 
 # ---------------------------------------------------------------------- the run
 
+#: The worker's stop line (worker.py): its counters and where its time went.
+WORKER_STOPPED = re.compile(
+    r"worker \S+ stopped: (\d+) done, (\d+) not assessed, (\d+) failed; in (\d+) batch\(es\) "
+    r"prepare ([\d.]+) s, infer ([\d.]+) s, record ([\d.]+) s \((\d+) decode thread"
+)
+ROLE_STARTED = re.compile(r"role (\w+) (?:started|restarted) \(pid (\d+)\)")
+
+
+#: Associations a steady sender keeps open at most: below the listener's default
+#: ``max_associations`` (10), which refuses more with "Local Limit Exceeded".
+MAX_IN_FLIGHT = 6
+
 
 def send_steady(port: int, files: Sequence[Path], rate: float) -> float:
-    """One association per file, started every 1/``rate`` s; returns the achieved rate."""
+    """One association per file, started every 1/``rate`` s (later when
+    :data:`MAX_IN_FLIGHT` are still open); returns the achieved rate."""
     started = time.monotonic()
     running: list[subprocess.Popen[bytes]] = []
     for i, f in enumerate(files):
         delay = started + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        while len(running) >= MAX_IN_FLIGHT:
+            check_storescu(running.pop(0))
         running.append(storescu(port, [f], wait=False))
     for proc in running:
         check_storescu(proc)
     span = time.monotonic() - started
     return len(files) / span if span > 0 else math.nan
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (``VmRSS``), in MB; NaN when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def role_pids(log_path: Path) -> dict[str, int]:
+    """The supervisor's latest pid of each role, from its log."""
+    return {r: int(p) for r, p in ROLE_STARTED.findall(log_path.read_text(errors="replace"))}
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The worker's stop line: images done and seconds per stage."""
+
+    done: int
+    batches: int
+    prepare_s: float
+    infer_s: float
+    record_s: float
+    threads: int
+
+    def per_image_ms(self, seconds: float) -> float:
+        return 1000 * seconds / self.done if self.done else math.nan
+
+
+def worker_stages(log_path: Path) -> Stages | None:
+    found = WORKER_STOPPED.findall(log_path.read_text(errors="replace"))
+    if not found:
+        return None
+    done, _na, _failed, batches, prep, infer, record, threads = found[-1]
+    return Stages(int(done), int(batches), float(prep), float(infer), float(record), int(threads))
+
+
+def ingest_only(args: argparse.Namespace, work: Path, files: Sequence[Path]) -> float:
+    """Files/s of a listener-only ``serve`` taking ``files`` on one association."""
+    from pacs_classifier.db.migrate import upgrade
+
+    work.mkdir()
+    upgrade(database_url(work))
+    port = free_port()
+    config = write_config(work, port=port, runtime=args.runtime, batch_size=args.batch_size)
+    serve = Serve(config, "listener", work / "serve.log")
+    try:
+        serve.wait_listening(port)
+        storescu(port, files[:2])  # first association: imports, first file
+        started = time.monotonic()
+        storescu(port, files[2:])
+        return (len(files) - 2) / (time.monotonic() - started)
+    finally:
+        serve.stop()
+
+
+@dataclass
+class Phase:
+    """One measured load on the supervised ``serve``."""
+
+    name: str
+    send_rate: float
+    timing: Timing
+
+
+def measure(
+    db: Database, serve: Serve, port: int, files: Sequence[Path], rate: float, name: str
+) -> Phase:
+    """Send ``files`` (burst when ``rate`` is 0) and wait for their predictions."""
+    cutoff = max_instance_id(db)
+    started = time.monotonic()
+    if rate > 0:
+        send_rate = send_steady(port, files, rate)
+    else:
+        storescu(port, files)
+        send_rate = len(files) / (time.monotonic() - started)
+
+    def finished() -> bool:
+        serve.check_alive()
+        if predicted_count(db, cutoff) >= len(files):
+            return True
+        left = unfinished_jobs(db, cutoff)
+        return sum(n for s, n in left.items() if s not in (JobState.QUEUED, JobState.RUNNING)) > 0
+
+    wait_until(finished, 120 + 5 * len(files), f"the predictions of {name}")
+    other = unfinished_jobs(db, cutoff)
+    if other:
+        print(f"{name}: jobs not done: {other} (see {serve.log_path})", flush=True)
+    return Phase(name, send_rate, timing(db, cutoff))
+
+
+def reclassify_all(config: Path, db: Database) -> tuple[int, float]:
+    """(instances, seconds) of ``pacs-classifier reclassify --all``, the nightly path."""
+    before = max_instance_id(db)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pacs_classifier", "--config", str(config), "reclassify", "--all"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=subprocess_env(),
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"reclassify failed: {done.stderr[-2000:]}")
+    return before, seconds
+
+
+def raw_decode_and_inference(
+    model_path: str, runtime: str, files: Sequence[Path], batch: int
+) -> tuple[float, float, float]:
+    """(decode + normalise ms per image, inference ms per image, images/s of the two in
+    series) over ``files``, in this process, one thread: the floor of the stored-file path."""
+    from pacs_classifier.model.runtime import load_predictor
+    from pacs_classifier.preprocess import normalize_dataset
+    from pacs_classifier.preprocess.decode import read_dataset
+
+    predictor = load_predictor(model_path, runtime)
+    size = predictor.info.image_size
+    started = time.perf_counter()
+    tensors = [normalize_dataset(read_dataset(f), size) for f in files]
+    decode_s = time.perf_counter() - started
+    x = np.stack(tensors).astype(np.float32)
+    predictor.predict(x[:batch])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(x), batch):
+        predictor.predict(x[i : i + batch])
+    infer_s = time.perf_counter() - started
+    n = len(files)
+    return 1000 * decode_s / n, 1000 * infer_s / n, n / (decode_s + infer_s)
 
 
 def run(args: argparse.Namespace, work: Path) -> int:
@@ -436,12 +587,25 @@ def run(args: argparse.Namespace, work: Path) -> int:
     model_path, image_size = prepare_database(work, bundle, args.runtime)
     print(f"registered ({image_size}²) in {time.perf_counter() - started:.0f} s", flush=True)
     files = generate_chest_files(work / "send", args.count + args.warmup, args.size)
-    warm, measured = files[: args.warmup], files[args.warmup :]
+    warm, burst = files[: args.warmup], files[args.warmup :]
+    batch = args.batch_size or WorkerConfig().batch_size
+    print(f"before: {load_average()}", flush=True)
+
+    ingest = ingest_only(args, work / "ingest", burst)
+    print(f"ingest only: {ingest:.1f} files/s", flush=True)
+    rates = [args.rate] if args.rate > 0 else [5.0, round(0.8 * ingest, 1)]
+    steady = [
+        generate_chest_files(work / f"steady{n}", args.steady_count, args.size, seed=n + 1)
+        for n in range(len(rates))
+    ]
+
     port = free_port()
     config = write_config(work, port=port, runtime=args.runtime, batch_size=args.batch_size)
-    batch = args.batch_size or WorkerConfig().batch_size
     db = Database(database_url(work))
     serve = Serve(config, "listener,worker", work / "serve.log")
+    phases: list[Phase] = []
+    rss: dict[str, tuple[float, float]] = {}
+    after_load = "not measured"
     try:
         serve.wait_listening(port)
         if warm:  # the worker loads the model on its first batch: not part of the numbers
@@ -452,69 +616,115 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 return predicted_count(db, 0) >= len(warm)
 
             wait_until(warmed, 600, "the warm-up predictions")
-        cutoff = max_instance_id(db)
-        print(f"before: {load_average()}", flush=True)
-        send_started = time.monotonic()
-        if args.rate > 0:
-            send_rate = send_steady(port, measured, args.rate)
-        else:
-            storescu(port, measured)
-            send_rate = len(measured) / (time.monotonic() - send_started)
-
-        def finished() -> bool:
-            serve.check_alive()
-            if predicted_count(db, cutoff) >= len(measured):
-                return True
-            left = unfinished_jobs(db, cutoff)
-            return (
-                sum(n for s, n in left.items() if s not in (JobState.QUEUED, JobState.RUNNING)) > 0
-            )
-
-        wait_until(finished, 120 + 5 * len(measured), "the predictions")
+        pids = role_pids(serve.log_path)
+        first_rss = {role: rss_mb(pid) for role, pid in pids.items()}
+        phases.append(measure(db, serve, port, burst, 0.0, "burst"))
+        for rate, group in zip(rates, steady, strict=True):
+            phases.append(measure(db, serve, port, group, rate, f"steady {rate:g}/s"))
+        rss = {role: (first_rss[role], rss_mb(pid)) for role, pid in pids.items()}
         after_load = load_average()
-        result = timing(db, cutoff)
-        other = unfinished_jobs(db, cutoff)
     finally:
         code = serve.stop()
-        db.dispose()
     print(f"after: {after_load}; serve exited with {code}", flush=True)
-    if other:
-        print(f"jobs not done: {other} (see {work / 'serve.log'})")
-    infer_images = batch * max(2, math.ceil(min(len(measured), 64) / batch))
-    median, best, runtime_class = raw_inference(
-        model_path, args.runtime, measured, batch, infer_images, args.rounds
+    stages = worker_stages(serve.log_path)
+
+    with db.session() as session:
+        stored = int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+    _, reclassify_s = reclassify_all(config, db)
+    db.dispose()
+    sample = burst[: min(len(burst), 64)]
+    decode_ms, infer_ms, raw_series = raw_decode_and_inference(
+        model_path, args.runtime, sample, batch
     )
-    report(args, result, send_rate, batch, (median, best, runtime_class), infer_images)
-    return 0 if result.predicted == len(measured) else 1
+    infer_images = batch * max(2, math.ceil(min(len(burst), 64) / batch))
+    median, best, runtime_class = raw_inference(
+        model_path, args.runtime, burst, batch, infer_images, args.rounds
+    )
+    report(
+        args,
+        ingest=ingest,
+        phases=phases,
+        stages=stages,
+        rss=rss,
+        batch=batch,
+        inference=(median, best, runtime_class),
+        infer_images=infer_images,
+        reclassify=(stored, reclassify_s),
+        raw=(decode_ms, infer_ms, raw_series),
+    )
+    return 0 if all(p.timing.predicted == p.timing.count for p in phases) else 1
 
 
 def report(
     args: argparse.Namespace,
-    result: Timing,
-    send_rate: float,
+    *,
+    ingest: float,
+    phases: Sequence[Phase],
+    stages: Stages | None,
+    rss: dict[str, tuple[float, float]],
     batch: int,
     inference: tuple[float, float, str],
     infer_images: int,
+    reclassify: tuple[int, float],
+    raw: tuple[float, float, float],
 ) -> None:
     median, best, runtime_class = inference
-    mode = f"steady {args.rate:g} images/s" if args.rate > 0 else "one association, burst"
-    lat = result.latencies
+    burst = phases[0].timing
     rows = [
-        ("mode", mode),
-        ("images (size)", f"{result.predicted} of {result.count} predicted ({args.size}²)"),
+        (
+            "images (size)",
+            f"{burst.count} burst + {args.steady_count} per steady rate ({args.size}²)",
+        ),
         ("runtime", f"{args.runtime} → {runtime_class}, batch_size {batch}"),
-        ("storescu send rate", f"{send_rate:.1f} files/s"),
-        ("end to end (first receive → last prediction)", f"{result.images_per_s:.1f} images/s"),
+        ("ingest only (listener alone, storescu, one association)", f"{ingest:.1f} files/s"),
+        (
+            "end to end, burst (first receive → last prediction)",
+            f"{burst.images_per_s:.1f} images/s",
+        ),
+        ("end to end / ingest only", f"{burst.images_per_s / ingest:.2f}"),
+    ]
+    for p in phases:
+        lat = p.timing.latencies
+        rows.append(
+            (
+                f"receive → result p50 / p95 / max, {p.name} (sent at {p.send_rate:.1f}/s)",
+                f"{percentile(lat, 50):.2f} / {percentile(lat, 95):.2f} / "
+                f"{(lat[-1] if lat else math.nan):.2f} s",
+            )
+        )
+    if stages is not None:
+        rows += [
+            ("listener, per file (1 / ingest only)", f"{1000 / ingest:.0f} ms"),
+            (
+                f"worker decode + normalise per image ({stages.threads} threads, wall)",
+                f"{stages.per_image_ms(stages.prepare_s):.0f} ms",
+            ),
+            ("worker inference per image", f"{stages.per_image_ms(stages.infer_s):.0f} ms"),
+            ("worker record per image", f"{stages.per_image_ms(stages.record_s):.1f} ms"),
+            (
+                "worker batches (mean size)",
+                f"{stages.batches} ({stages.done / max(stages.batches, 1):.1f})",
+            ),
+        ]
+    for role, (first, last) in sorted(rss.items()):
+        rows.append(
+            (f"RSS of the {role} process, after warm-up → end", f"{first:.0f} → {last:.0f} MB")
+        )
+    stored, seconds = reclassify
+    decode_ms, infer_ms, raw_series = raw
+    rows += [
         (
             "raw inference, same model and runtime",
             f"{median:.1f} images/s (best {best:.1f}; {infer_images} images × {args.rounds})",
         ),
-        ("end to end / raw inference", f"{result.images_per_s / median:.2f}"),
-        ("end to end / storescu send rate", f"{result.images_per_s / send_rate:.2f}"),
+        ("end to end / raw inference", f"{burst.images_per_s / median:.2f}"),
         (
-            "receive → result latency p50 / p95 / max",
-            f"{percentile(lat, 50):.2f} / {percentile(lat, 95):.2f} / "
-            f"{(lat[-1] if lat else math.nan):.2f} s",
+            f"reclassify --all over the {stored} stored files (process start included)",
+            f"{stored / seconds:.1f} images/s ({seconds:.1f} s)",
+        ),
+        (
+            "raw decode + normalise, then inference, one thread, same files",
+            f"{raw_series:.1f} images/s ({decode_ms:.0f} + {infer_ms:.0f} ms per image)",
         ),
     ]
     width = max(len(k) for k, _ in rows)
@@ -527,10 +737,17 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--count", type=int, default=300, help="images measured")
+    parser.add_argument("--count", type=int, default=300, help="images of the burst")
     parser.add_argument("--warmup", type=int, default=4, help="images sent before measuring")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="images/s, one association each (0: burst)"
+        "--rate",
+        type=float,
+        default=0.0,
+        help="one steady rate (images/s, one association each) instead of 5/s and 80 %% "
+        "of the ingest-only rate",
+    )
+    parser.add_argument(
+        "--steady-count", type=int, default=60, help="images sent at each steady rate"
     )
     parser.add_argument(
         "--runtime", default="auto", choices=("auto", "keras", "onnx", "tflite-int8")

@@ -16,7 +16,6 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,8 +95,7 @@ def main() -> int:
     args.out.mkdir(parents=True)
     for name in (*MODEL_FILES, "split.json"):
         shutil.copy2(info.path / name, args.out / name)
-    new = replace(
-        meta,
+    new = meta.replace(
         version=f"{info.version}-{args.method}"[:64],
         created_at=datetime.now(UTC),
         derived_from=DerivedFrom(
@@ -107,8 +105,8 @@ def main() -> int:
         ),
         calibration=point.calibration,
         threshold=point.threshold,
-        metrics=replace(
-            meta.metrics, final=point.metrics, final_before_recalibration=meta.metrics.final
+        metrics=meta.metrics.replace(
+            final=point.metrics, final_before_recalibration=meta.metrics.final
         ),
     )
     write_metadata(args.out, new)

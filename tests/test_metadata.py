@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from pacs_classifier import REFERENCE_MODEL_DIR
 from pacs_classifier.errors import ModelError
@@ -62,7 +62,7 @@ def test_unknown_keys_of_a_newer_bundle_are_kept(tmp_path: Path) -> None:
     assert meta.metrics.final.extra == {"youden": 0.91}
     assert dump_metadata(meta) == raw
     # a derived bundle (new threshold) keeps them too
-    derived = replace(meta, version="ref-2", threshold=replace(meta.threshold, value=0.4))
+    derived = meta.replace(version="ref-2", threshold=meta.threshold.replace(value=0.4))
     out = dump_metadata(derived)
     assert out["site_review"] == raw["site_review"]
     assert out["threshold"] == raw["threshold"] | {"value": 0.4}
@@ -93,6 +93,18 @@ def test_a_minimal_bundle_needs_only_the_required_keys() -> None:
         files=files,
     )
     assert parse_metadata(dump_metadata(built)) == built == meta
+
+
+def test_sections_built_or_derived_in_code_are_validated_as_read() -> None:
+    # A section built by our own code with a bad value is a bug: pydantic says so as it is.
+    with pytest.raises(ValidationError, match=r"must be in \[0, 1\], received 1.5"):
+        Threshold(value=1.5)
+    meta = parse_metadata(_reference_raw())
+    with pytest.raises(ModelError, match=r"^threshold.value: expected a number, received 'x'$"):
+        meta.replace(threshold={"value": "x"})
+    with pytest.raises(ModelError, match=r"^version must be 1-64 letters"):
+        meta.replace(version="a/b")
+    assert meta.replace(version="ref-2").threshold == meta.threshold  # frozen: shared
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:

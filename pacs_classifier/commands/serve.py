@@ -1,10 +1,14 @@
-"""``serve [--roles listener,worker,scheduler,sender,web]``: run the daemon.
+"""``serve [--roles listener,worker,scheduler,sender,web] [--single-process]``: run the daemon.
 
-Each role is a function in :mod:`pacs_classifier.commands._roles` that starts it from the
-:class:`~pacs_classifier.wiring.App` and returns the function that stops it. The
-schema is checked before any role starts (an old one names ``db upgrade``). SIGTERM and
-SIGINT stop the roles in reverse order, each finishing or releasing its in-flight work,
-and the command exits 0.
+With several roles (the default: all of them) each runs in its own OS process under the
+supervisor of :mod:`pacs_classifier.commands._supervisor`, which restarts a role that
+crashes. One role (``--roles worker``), or ``--single-process``, runs in this process:
+each role is a function in :mod:`pacs_classifier.commands._roles` that starts it from the
+:class:`~pacs_classifier.wiring.App` on threads and returns the function that stops it.
+
+The schema is checked before any role starts (an old one names ``db upgrade``). SIGTERM
+and SIGINT stop the roles in reverse order, each finishing or releasing its in-flight
+work, and the command exits 0 (1 when a role kept crashing and the supervisor gave up).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def register(sub: Any) -> None:
         metavar="ROLES",
         help=f"comma-separated roles to run (default: {','.join(DEFAULT_ROLES)})",
     )
+    p.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run the roles as threads of one process (debugging); by default each role "
+        "runs in its own process under a supervisor that restarts it if it crashes",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -63,7 +73,26 @@ def parse_roles(text: str) -> list[str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from pacs_classifier.commands import _supervisor
+
     roles = parse_roles(args.roles)
+    supervised = _supervisor.as_supervised_child()
+    if supervised or args.single_process or len(roles) == 1:
+        return run_in_this_process(args, roles)
+    with load_app(args) as app:
+        app.checked_db()  # an old schema is said once, before any role starts
+        return _supervisor.Supervisor(
+            app,
+            roles,
+            config_path=_supervisor.default_config_path(args.config),
+            verbose=args.verbose,
+        ).run()
+
+
+def run_in_this_process(args: argparse.Namespace, roles: list[str]) -> int:
+    """The roles as threads of this process (one role, or ``--single-process``)."""
+    from pacs_classifier.commands._supervisor import report_ready, supervisor_gone
+
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -79,9 +108,12 @@ def run_serve(args: argparse.Namespace) -> int:
                 for role in roles:
                     stops.append(ROLES[role](app))
                 log.info("serving roles: %s", ", ".join(roles))
+                report_ready()
                 # A timed wait keeps the main thread responsive to signals.
                 while not stop_requested.wait(0.5):
-                    pass
+                    if supervisor_gone():
+                        log.error("the supervisor is gone: stopping")
+                        break
             finally:
                 for stop in reversed(stops):
                     stop()

@@ -1,4 +1,7 @@
-"""A bundle's ``metadata.json`` as typed, frozen dataclasses.
+"""A bundle's ``metadata.json`` as typed, frozen pydantic models.
+
+Why pydantic: it already ships with the web layer and replaces a hand-written type-hint
+walker (parser, converter, writer) with declared types; this module only words its errors.
 
 :func:`parse_metadata` (read, through ``BundleMetadata.from_json``) and :func:`dump_metadata`
 (written, through ``bundle.write_metadata``) are the only code that knows the JSON keys;
@@ -12,9 +15,12 @@ nothing. Sections that are free-form by nature (training options, per-epoch hist
 cross-validation, the stress table, library versions) are JSON-valued mappings.
 
 Only ``version``, ``created_at``, ``image_size``, ``threshold.value`` and ``files`` are
-required. To add a section: a frozen, ``kw_only`` dataclass deriving from
-:class:`Section` whose fields all have defaults, and a ``name: NewSection | None = None``
-field on :class:`BundleMetadata`; the parser and the writer follow the type hints.
+required. To add a section: a class deriving from :class:`Section` whose fields all have
+defaults, typed with this module's strict aliases (``Number``, ``Integer``, ``Text``,
+``Time``), and a ``name: NewSection | None = None`` field on :class:`BundleMetadata`.
+Unknown keys are pydantic extras (``extra="allow"``), exposed as ``section.extra``.
+Sections are frozen: derive a changed copy with ``section.replace(key=value)``, which
+validates like reading does (``dataclasses.replace`` does not apply to these models).
 Bump ``BUNDLE_FORMAT`` only for a change an older reader must refuse.
 
 Paths: nothing here locates a file on the training machine. ``data.folder`` and
@@ -25,15 +31,26 @@ supplies (``model register --data DIR``, ``[model] data_root``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Self
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pacs_classifier.errors import ModelError
 
@@ -50,287 +67,398 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
+#: Error types whose message follows the key after ": " (the rest follow it after a space,
+#: e.g. ``threshold.value must be in [0, 1]``).
+_AT = "metadata_at"
+_CHECK = "metadata_check"
 
-class Section:
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _at(message: str) -> PydanticCustomError:
+    """``key: message`` (the key is added from the error's location)."""
+    return PydanticCustomError(_AT, message)
+
+
+def _check(message: str) -> PydanticCustomError:
+    """``key message``, e.g. ``must be > 0, received 0.0``."""
+    return PydanticCustomError(_CHECK, message)
+
+
+# ------------------------------------------------------------------ strict value types
+# pydantic's lax mode would take "0.5" for a number and 1 for true; JSON written by hand
+# must say what it means. An integral float (1045.0) is still an integer.
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _aware_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise _at(f"expected an ISO 8601 time, received {_describe(value)}") from None
+    else:
+        raise _at(f"expected an ISO 8601 time, received {_describe(value)}")
+    if parsed.tzinfo is None:
+        raise _at(f"time has no time zone: {_describe(value)}")
+    return parsed
+
+
+def _items(n: int) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, list | tuple) and len(value) != n:
+            raise _at(f"expected {n} items, received {len(value)}")
+        return value
+
+    return check
+
+
+def _file_name(value: str) -> str:
+    if not _FILE_NAME.match(value):
+        raise _at(f"{value!r} is not a plain file name")
+    return value
+
+
+def _sha256(value: str) -> str:
+    if not _SHA256.match(value):
+        raise _at("not a SHA-256 hex digest")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Free-form values as JSON: numpy scalars become Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+Number = Annotated[float, Strict()]
+Integer = Annotated[int, BeforeValidator(_integral), Strict()]
+Text = Annotated[str, Strict()]
+Time = Annotated[
+    datetime,
+    BeforeValidator(_aware_time),
+    PlainSerializer(lambda t: t.isoformat(), when_used="json"),
+]
+FileName = Annotated[str, Strict(), AfterValidator(_file_name)]
+Sha256 = Annotated[str, Strict(), AfterValidator(_sha256)]
+#: JSON-valued by nature (training options, per-epoch history, ...): kept as read.
+FreeForm = Annotated[Mapping[str, Any], PlainSerializer(_plain, when_used="json")]
+
+
+class Section(BaseModel):
     """Base of every metadata section: typed fields, plus ``extra`` for unknown keys."""
 
-    extra: Mapping[str, Any]
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """Keys this version does not know, as read; written back unchanged."""
+        return self.model_extra or {}
 
     @classmethod
     def from_json(cls, raw: Any, where: str = "") -> Self:
         """Validate and convert a decoded JSON object; ModelError names the bad key."""
-        return typing.cast(Self, _parse_section(cls, raw, where))
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ModelError(_one_line(exc, where)) from None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object this section is written as (``None`` fields left out)."""
-        return typing.cast(dict[str, Any], _dump(self))
+        return self.model_dump(mode="json")
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated as reading is; unknown keys are kept."""
+        current = {name: getattr(self, name) for name in type(self).model_fields}
+        try:
+            return type(self).model_validate(current | dict(self.extra) | changes)
+        except ValidationError as exc:
+            raise ModelError(_one_line(exc)) from None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        fields = type(self).model_fields
+        return {k: v for k, v in out.items() if not (v is None and k in fields)}
 
 
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ModelError(message)
-
-
-@dataclass(frozen=True, kw_only=True)
 class Threshold(Section):
     """The operating point: a calibrated probability ``>= value`` is PNEUMONIA."""
 
-    value: float
-    rule: str | None = None
-    target_sensitivity: float | None = None
-    chosen_on: str | None = None
-    applies_to: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    value: Number
+    rule: Text | None = None
+    target_sensitivity: Number | None = None
+    chosen_on: Text | None = None
+    applies_to: Text | None = None
 
-    def __post_init__(self) -> None:
-        _need(0.0 <= self.value <= 1.0, f"value must be in [0, 1], received {self.value!r}")
-        t = self.target_sensitivity
-        _need(t is None or 0.0 < t <= 1.0, f"target_sensitivity must be in (0, 1], received {t!r}")
+    @field_validator("value")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise _check(f"must be in [0, 1], received {v!r}")
+        return v
+
+    @field_validator("target_sensitivity")
+    @classmethod
+    def _target(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise _check(f"must be in (0, 1], received {v!r}")
+        return v
 
 
-@dataclass(frozen=True, kw_only=True)
 class Calibration(Section):
     """``sigmoid(logit(p) / temperature + bias)``; bias 0 is plain temperature scaling."""
 
-    temperature: float = 1.0
-    bias: float = 0.0
-    method: str | None = None
-    fitted_on: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    temperature: Number = 1.0
+    bias: Number = 0.0
+    method: Text | None = None
+    fitted_on: Text | None = None
 
-    def __post_init__(self) -> None:
-        t = self.temperature
-        _need(math.isfinite(t) and t > 0, f"temperature must be > 0, received {t!r}")
-        _need(math.isfinite(self.bias), f"bias must be finite, received {self.bias!r}")
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise _check(f"must be > 0, received {v!r}")
+        return v
+
+    @field_validator("bias")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise _check(f"must be finite, received {v!r}")
+        return v
 
 
-@dataclass(frozen=True, kw_only=True)
 class Preprocessing(Section):
-    function: str | None = None
-    output_range: tuple[float, float] | None = None
-    channels: int | None = None
-    resize: str | None = None
-    base_input_range: str | None = None
-    intensity: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    function: Text | None = None
+    output_range: Annotated[tuple[Number, Number], BeforeValidator(_items(2))] | None = None
+    channels: Integer | None = None
+    resize: Text | None = None
+    base_input_range: Text | None = None
+    intensity: Text | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class Architecture(Section):
-    base: str | None = None
-    base_cut: str | None = None
-    base_cut_candidates: tuple[str, ...] | None = None
-    unfreeze_from: str | None = None
-    head: str | None = None
-    phase2_trained_layers: int | None = None
-    weights_dtype: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    base: Text | None = None
+    base_cut: Text | None = None
+    base_cut_candidates: tuple[Text, ...] | None = None
+    unfreeze_from: Text | None = None
+    head: Text | None = None
+    phase2_trained_layers: Integer | None = None
+    weights_dtype: Text | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class BaseWeightsRecord(Section):
     """The InceptionV3 weights training started from; ``path`` is informational."""
 
-    setting: str | None = None
-    path: str | None = None
-    sha256: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    setting: Text | None = None
+    path: Text | None = None
+    sha256: Text | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class SplitSummary(Section):
     """Counts per class on each side of the patient-level split."""
 
-    train: Mapping[str, int] | None = None
-    val: Mapping[str, int] | None = None
-    train_groups: int | None = None
-    val_groups: int | None = None
-    grouping: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Integer] | None = None
+    val: Mapping[str, Integer] | None = None
+    train_groups: Integer | None = None
+    val_groups: Integer | None = None
+    grouping: Text | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class DataSummary(Section):
     """What the model was trained on. ``folder`` is informational (the dataset root on
     the training machine): no code reads images from it."""
 
-    folder: str | None = None
-    total: Mapping[str, int] | None = None
+    folder: Text | None = None
+    total: Mapping[str, Integer] | None = None
     split: SplitSummary | None = None
-    split_file: str = SPLIT_FILE
-    val_fraction: float | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    split_file: Text = SPLIT_FILE
+    val_fraction: Number | None = None
 
-    def __post_init__(self) -> None:
-        _need(
-            bool(_FILE_NAME.match(self.split_file)),
-            f"split_file must be a file name inside the bundle, received {self.split_file!r}",
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class FitPool(Section):
-    """The pool calibration and threshold were fitted on, when it is more than validation."""
-
-    n: int
-    metrics: ValidationMetrics
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    @field_validator("split_file")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        if not _FILE_NAME.match(v):
+            raise _check(f"must be a file name inside the bundle, received {v!r}")
+        return v
 
 
-@dataclass(frozen=True, kw_only=True)
 class ValidationMetrics(Section):
     """SPEC §10 metrics at one threshold (``model.metrics.point_metrics`` and friends)."""
 
-    n: int | None = None
-    auc: float | None = None
-    sensitivity: float | None = None
-    specificity: float | None = None
-    precision: float | None = None
-    f1: float | None = None
-    accuracy: float | None = None
-    threshold: float | None = None
-    ece: float | None = None
-    ece_uncalibrated: float | None = None
-    brier: float | None = None
-    confusion: Mapping[str, int] | None = None
-    ci95: Mapping[str, tuple[float, ...]] | None = None
+    n: Integer | None = None
+    auc: Number | None = None
+    sensitivity: Number | None = None
+    specificity: Number | None = None
+    precision: Number | None = None
+    f1: Number | None = None
+    accuracy: Number | None = None
+    threshold: Number | None = None
+    ece: Number | None = None
+    ece_uncalibrated: Number | None = None
+    brier: Number | None = None
+    confusion: Mapping[str, Integer] | None = None
+    ci95: Mapping[str, tuple[Number, ...]] | None = None
     fit_pool: FitPool | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True)
+class FitPool(Section):
+    """The pool calibration and threshold were fitted on, when it is more than validation."""
+
+    n: Integer
+    metrics: ValidationMetrics
+
+
+ValidationMetrics.model_rebuild()  # fit_pool names FitPool, defined after it
+
+
 class Metrics(Section):
     """Validation metrics per phase; ``final`` is the model as stored and served."""
 
-    final: ValidationMetrics = field(default_factory=ValidationMetrics)
+    final: ValidationMetrics = Field(default_factory=ValidationMetrics)
     phase1: Mapping[str, ValidationMetrics] | None = None
     phase1_chosen: ValidationMetrics | None = None
     final_before_recalibration: ValidationMetrics | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True)
 class DerivedFrom(Section):
     """The bundle this one was made from, with the same model files."""
 
-    version: str
-    change: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    version: Text
+    change: Text | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class SiteSample(Section):
     """The labelled sample of a site calibration (it names no patient)."""
 
     #: The labels CSV or folder, as given to ``model calibrate``.
-    source: str | None = None
+    source: Text | None = None
     #: ``instances`` (a CSV of stored instances' UIDs) or ``folder`` (NORMAL/, PNEUMONIA/).
-    kind: str | None = None
+    kind: Text | None = None
     #: SHA-256 of the sorted ``ref:LABEL`` lines: the same labels give the same digest.
-    sha256: str | None = None
-    cases: int | None = None
-    assessed: int | None = None
-    positives: int | None = None
-    negatives: int | None = None
+    sha256: Text | None = None
+    cases: Integer | None = None
+    assessed: Integer | None = None
+    positives: Integer | None = None
+    negatives: Integer | None = None
     #: Cases the serving path did not assess, by reason code (left out of the metrics).
-    not_assessed: Mapping[str, int] | None = None
+    not_assessed: Mapping[str, Integer] | None = None
     #: The serving runtime the cases were scored with.
-    runtime: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    runtime: Text | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class SitePoint(Section):
     """One version's calibration and threshold, and what they give on the site's sample."""
 
-    version: str | None = None
-    threshold: float | None = None
-    calibration: Calibration = field(default_factory=Calibration)
-    metrics: ValidationMetrics = field(default_factory=ValidationMetrics)
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    version: Text | None = None
+    threshold: Number | None = None
+    calibration: Calibration = Field(default_factory=Calibration)
+    metrics: ValidationMetrics = Field(default_factory=ValidationMetrics)
 
 
-@dataclass(frozen=True, kw_only=True)
 class AcceptanceBounds(Section):
     """Exact lower confidence bounds at the new threshold, the floors they had to reach,
     and the cases of each class a sample needs to reach them."""
 
-    method: str | None = None
-    confidence: float | None = None
-    sensitivity_lower: float | None = None
-    sensitivity_floor: float | None = None
-    specificity_lower: float | None = None
-    specificity_floor: float | None = None
-    positives_needed: int | None = None
-    negatives_needed: int | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    method: Text | None = None
+    confidence: Number | None = None
+    sensitivity_lower: Number | None = None
+    sensitivity_floor: Number | None = None
+    specificity_lower: Number | None = None
+    specificity_floor: Number | None = None
+    positives_needed: Integer | None = None
+    negatives_needed: Integer | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
 class SiteAcceptance(Section):
     """Local acceptance (``model calibrate``): the source version and the calibration and
     threshold refitted for a site, both measured on the site's labelled sample."""
 
-    date: datetime | None = None
-    sample: SiteSample = field(default_factory=SiteSample)
-    target_sensitivity: float | None = None
-    before: SitePoint = field(default_factory=SitePoint)
-    after: SitePoint = field(default_factory=SitePoint)
-    bounds: AcceptanceBounds = field(default_factory=AcceptanceBounds)
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    date: Time | None = None
+    sample: SiteSample = Field(default_factory=SiteSample)
+    target_sensitivity: Number | None = None
+    before: SitePoint = Field(default_factory=SitePoint)
+    after: SitePoint = Field(default_factory=SitePoint)
+    bounds: AcceptanceBounds = Field(default_factory=AcceptanceBounds)
 
 
-@dataclass(frozen=True, kw_only=True)
 class BundleMetadata(Section):
     """Everything ``metadata.json`` holds (SPEC §6)."""
 
-    version: str
-    created_at: datetime
-    image_size: int
+    version: Text
+    created_at: Time
+    image_size: Integer
     threshold: Threshold
-    files: Mapping[str, str]
-    bundle_format: int = BUNDLE_FORMAT
-    calibration: Calibration = field(default_factory=Calibration)
-    class_names: tuple[str, ...] | None = None
-    positive_class: str | None = None
+    files: Mapping[FileName, Sha256]
+    bundle_format: Integer = BUNDLE_FORMAT
+    calibration: Calibration = Field(default_factory=Calibration)
+    class_names: tuple[Text, ...] | None = None
+    positive_class: Text | None = None
     preprocessing: Preprocessing | None = None
     architecture: Architecture | None = None
     base_weights: BaseWeightsRecord | None = None
     data: DataSummary | None = None
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = Field(default_factory=Metrics)
     derived_from: DerivedFrom | None = None
     #: Set by ``model calibrate`` on the version it derives for a site.
     site_acceptance: SiteAcceptance | None = None
-    seed: int | None = None
+    seed: Integer | None = None
     #: Free-form: the trainer's options, per-epoch history, cross-validation, stress suite.
-    training: Mapping[str, Any] | None = None
-    history: Mapping[str, Any] | None = None
-    cross_validation: Mapping[str, Any] | None = None
-    stress: Mapping[str, Any] | None = None
-    library_versions: Mapping[str, str] | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    training: FreeForm | None = None
+    history: FreeForm | None = None
+    cross_validation: FreeForm | None = None
+    stress: FreeForm | None = None
+    library_versions: Mapping[str, Text] | None = None
 
-    def __post_init__(self) -> None:
-        _need(
-            bool(_VERSION.match(self.version)),
-            "version must be 1-64 letters, digits or . _ + - (not starting with . or -), "
-            f"received {self.version!r}",
-        )
-        _need(
-            self.created_at.tzinfo is not None,
-            f"created_at has no time zone: {self.created_at.isoformat()!r}",
-        )
-        _need(self.image_size >= 1, f"image_size must be >= 1, received {self.image_size}")
-        _need(
-            1 <= self.bundle_format <= BUNDLE_FORMAT,
-            f"bundle_format {self.bundle_format} is not one this version reads "
-            f"(1..{BUNDLE_FORMAT}); upgrade pacs-classifier",
-        )
-        missing = [name for name in MODEL_FILES if name not in self.files]
-        _need(not missing, f"files must list {', '.join(MODEL_FILES)}; missing {missing}")
-        for name, digest in self.files.items():
-            _need(bool(_FILE_NAME.match(name)), f"files: {name!r} is not a plain file name")
-            _need(bool(_SHA256.match(digest)), f"files.{name}: not a SHA-256 hex digest")
+    @field_validator("version")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        if not _VERSION.match(v):
+            raise _check(
+                "must be 1-64 letters, digits or . _ + - (not starting with . or -), "
+                f"received {v!r}"
+            )
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v < 1:
+            raise _check(f"must be >= 1, received {v}")
+        return v
+
+    @field_validator("bundle_format")
+    @classmethod
+    def _format(cls, v: int) -> int:
+        if not 1 <= v <= BUNDLE_FORMAT:
+            raise _check(
+                f"{v} is not one this version reads (1..{BUNDLE_FORMAT}); upgrade pacs-classifier"
+            )
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _model_files(cls, v: Mapping[str, str]) -> Mapping[str, str]:
+        missing = [name for name in MODEL_FILES if name not in v]
+        if missing:
+            raise _check(f"must list {', '.join(MODEL_FILES)}; missing {missing}")
+        return v
 
 
 def parse_metadata(raw: Any) -> BundleMetadata:
@@ -343,125 +471,55 @@ def dump_metadata(meta: BundleMetadata) -> dict[str, Any]:
     return meta.to_json()
 
 
-# ------------------------------------------------------------------ parser and writer
+# ------------------------------------------------------------------ error wording
+
+#: pydantic's error types, as the one line a user reads after the key.
+_EXPECTED = {
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "string_type": "expected a string",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "model_type": "expected an object",
+    "model_attributes_type": "expected an object",
+    "dict_type": "expected an object",
+    "mapping_type": "expected an object",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+}
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _parse_section(cls: type[Section], raw: Any, where: str) -> Section:
-    if not isinstance(raw, dict):
-        raise ModelError(f"{where or 'metadata'}: expected an object, received {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    known: set[str] = set()
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name == "extra":
-            continue
-        key = f.name
-        known.add(key)
-        value = raw.get(key)
-        if value is None:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required:
-                raise ModelError(f"{_join(where, key)}: missing")
-            continue
-        kwargs[f.name] = _convert(hints[f.name], value, _join(where, key))
-    kwargs["extra"] = {k: v for k, v in raw.items() if k not in known}
-    try:
-        return cls(**kwargs)
-    except ModelError as exc:
-        raise ModelError(f"{where}.{exc}" if where else str(exc)) from None
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(inner, value, where)
-    if tp is Any:
-        return value
-    if isinstance(tp, type) and issubclass(tp, Section):
-        return _parse_section(tp, value, where)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ModelError(f"{where}: expected a string, received {_describe(value)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ModelError(f"{where}: expected true or false, received {_describe(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ModelError(f"{where}: expected an integer, received {_describe(value)}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ModelError(f"{where}: expected a number, received {_describe(value)}")
-    if tp is datetime:
-        if not isinstance(value, str):
-            raise ModelError(f"{where}: expected an ISO 8601 time, received {_describe(value)}")
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ModelError(
-                f"{where}: expected an ISO 8601 time, received {_describe(value)}"
-            ) from None
-        if parsed.tzinfo is None:
-            raise ModelError(f"{where}: time has no time zone: {_describe(value)}")
-        return parsed
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ModelError(f"{where}: expected a list, received {_describe(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        elif len(args) != len(value):
-            raise ModelError(f"{where}: expected {len(args)} items, received {len(value)}")
+def _key(loc: tuple[int | str, ...], where: str) -> str:
+    if loc and loc[-1] == "[key]":  # a bad mapping key: name the mapping
+        loc = loc[:-2]
+    text = where
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
         else:
-            item_types = list(args)
-        return tuple(
-            _convert(t, v, f"{where}[{i}]")
-            for i, (t, v) in enumerate(zip(item_types, value, strict=True))
-        )
-    if origin is Mapping:
-        _, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ModelError(f"{where}: expected an object, received {_describe(value)}")
-        return {str(k): _convert(value_type, v, _join(where, str(k))) for k, v in value.items()}
-    raise TypeError(f"{where}: no conversion for {tp!r}")  # a programming error, not data
+            text = f"{text}.{part}" if text else str(part)
+    return text
 
 
-def _dump(value: Any) -> Any:
-    if isinstance(value, Section):
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(value):  # type: ignore[arg-type]
-            if f.name == "extra":
-                continue
-            item = getattr(value, f.name)
-            if item is not None:
-                out[f.name] = _dump(item)
-        for key, item in value.extra.items():
-            out.setdefault(key, item)
-        return out
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Mapping):
-        return {str(k): _dump(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_dump(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars in free-form sections
-        return value.item()
-    return value
+def _one_line(exc: ValidationError, where: str = "") -> str:
+    """The first of pydantic's errors as ``key: what was wrong``, on one line."""
+    error: ErrorDetails = exc.errors(include_url=False)[0]
+    key = _key(error["loc"], where)
+    kind = error["type"]
+    if kind == _CHECK:
+        return f"{key} {error['msg']}"
+    if kind == _AT:
+        message = error["msg"]
+    elif kind == "missing":
+        message = "missing"
+    elif kind in _EXPECTED:
+        message = f"{_EXPECTED[kind]}, received {_describe(error['input'])}"
+    else:
+        message = error["msg"].replace("\n", " ")
+    return f"{key or 'metadata'}: {message}"
 
 
 __all__ = [

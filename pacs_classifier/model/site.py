@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -650,8 +650,7 @@ def derived_metadata(info: BundleInfo, fit: SiteFit, when: datetime) -> BundleMe
         f"{fit.scores.positives} {POSITIVE}, {fit.scores.negatives} {NEGATIVE}), "
         f"{format_utc(when)}"
     )
-    return replace(
-        info.metadata,
+    return info.metadata.replace(
         version=fit.after.version,
         created_at=when,
         calibration=Calibration(

@@ -168,12 +168,20 @@ class JobQueue:
     # ------------------------------------------------------------------ claiming
 
     def claim(
-        self, limit: int, *, run_id: int | None = None, job_ids: Sequence[int] | None = None
+        self,
+        limit: int,
+        *,
+        run_id: int | None = None,
+        job_ids: Sequence[int] | None = None,
+        fresh_only: bool = False,
     ) -> list[ClaimedJob]:
         """Lease up to ``limit`` queued jobs (oldest first).
 
-        ``run_id`` narrows to one reclassification run, ``job_ids`` to given jobs
-        (``classify --record`` processes its own jobs and no one else's).
+        A job claimed before (``attempts`` > 0: its worker died holding it, or it is a
+        retry) comes first and alone, so whatever it does to a worker it does alone.
+        ``fresh_only`` leaves those out (filling a batch). ``run_id`` narrows to one
+        reclassification run, ``job_ids`` to given jobs (``classify --record`` processes
+        its own jobs and no one else's).
         """
         if limit < 1:
             return []
@@ -183,22 +191,25 @@ class JobQueue:
         now = utcnow()
         with self.db.session() as session:
             query = (
-                select(Job.id)
+                select(Job.id, Job.attempts)
                 .where(
                     Job.state == JobState.QUEUED,
                     or_(Job.not_before.is_(None), Job.not_before <= now),
                 )
-                .order_by(Job.id)
+                .order_by((Job.attempts > 0).desc(), Job.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
+            if fresh_only:
+                query = query.where(Job.attempts == 0)
             if run_id is not None:
                 query = query.where(Job.run_id == run_id)
             if job_ids is not None:
                 query = query.where(Job.id.in_(list(job_ids)))
-            ids = list(session.execute(query).scalars())
-            if not ids:
+            found = session.execute(query).all()
+            if not found:
                 return []
+            ids = [found[0].id] if found[0].attempts > 0 else [r.id for r in found]
             session.execute(
                 update(Job)
                 .where(Job.id.in_(ids))

@@ -327,10 +327,10 @@ def _operating_point(
         )
         point = replace(
             point,
-            calibration=replace(point.calibration, fitted_on=where),
-            threshold=replace(point.threshold, chosen_on=where),
+            calibration=point.calibration.replace(fitted_on=where),
+            threshold=point.threshold.replace(chosen_on=where),
         )
-        final = replace(final, fit_pool=FitPool(n=len(fit_y), metrics=point.metrics))
+        final = final.replace(fit_pool=FitPool(n=len(fit_y), metrics=point.metrics))
     stress = None
     if opts.stress:
         calibrated = {k: calibrate(v, temperature, bias) for k, v in stress_raw.items()}
