@@ -172,6 +172,8 @@ class ResultsConfig:
     """``[results]``: which DICOM objects are made from results, and how sends retry."""
 
     sr: bool = True
+    #: An SR for an instance the worker did not assess (Pneumonia Undetermined, the reason).
+    sr_not_assessed: bool = False
     sc_overlay: str = "positives"
     max_attempts: int = 8
     retry_backoff_s: float = 10.0
@@ -564,6 +566,11 @@ def _validate_results(c: Config, need: typing.Callable[[bool, str, str], None]) 
         r.sc_overlay in SC_OVERLAY_MODES,
         "results.sc_overlay",
         f"must be one of {', '.join(SC_OVERLAY_MODES)}, received {r.sc_overlay!r}",
+    )
+    need(
+        r.sr or not r.sr_not_assessed,
+        "results.sr_not_assessed",
+        "needs results.sr = true (the SRs of assessed instances come first)",
     )
     need(r.max_attempts >= 1, "results.max_attempts", "must be >= 1")
     need(r.refused_attempts >= 1, "results.refused_attempts", "must be >= 1")

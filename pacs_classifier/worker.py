@@ -36,18 +36,18 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.config import Config
 from pacs_classifier.db.engine import Database
-from pacs_classifier.db.models import JobState
+from pacs_classifier.db.models import JobState, Label
 from pacs_classifier.errors import NotAssessable, PermanentError, RetryableError
 from pacs_classifier.model.ood import OOD_FILE, OodModel, read_ood
 from pacs_classifier.model.registry import active_model
@@ -55,7 +55,10 @@ from pacs_classifier.model.runtime import Inference, Predictor, load_predictor
 from pacs_classifier.preprocess import reasons
 from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, ended_job
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
-from pacs_classifier.results.outbound import plan_results
+from pacs_classifier.results.outbound import PlanItem, plan_results
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +346,10 @@ class Worker:
             else:  # a decoder bug must not kill the worker
                 log.error("job %d: unexpected error while preparing", job.id, exc_info=outcome)
                 failures.append((job, _reason(outcome), True))
-        self.jobs.mark_not_assessed(not_assessed)
+        self.jobs.mark_not_assessed(
+            not_assessed,
+            plan=lambda session, held: self.plan_not_assessed(session, held, model),
+        )
         for job, reason in not_assessed:
             log.info("job %d (instance %d): not assessed, %s", job.id, job.instance_id, reason)
         self.stats.not_assessed += len(not_assessed)
@@ -355,6 +361,24 @@ class Worker:
             else np.zeros((0, size, size, 3), dtype=np.float32)
         )
         return PreparedBatch(model, path, ready, array)
+
+    def plan_not_assessed(
+        self, session: Session, held: Sequence[tuple[ClaimedJob, str]], model: ModelRef
+    ) -> list[dict[str, object]]:
+        """``[results] sr_not_assessed``: queue the SRs, in the transaction ending the jobs."""
+        items = [
+            PlanItem(instance_id=job.instance_id, job_id=job.id, model_id=model.id)
+            for job, reason in held
+            # Our own objects coming back are never reported on (and never reach here).
+            if reason != reasons.OWN_OUTPUT
+        ]
+        planned = iter(plan_results(session, self.config.results, items))
+        return [
+            {"result_objects": [o.detail() for o in next(planned)]}
+            if reason != reasons.OWN_OUTPUT
+            else {}
+            for _, reason in held
+        ]
 
     def tensor_for(self, job: ClaimedJob, image_size: int) -> npt.NDArray[np.float32]:
         """Eligibility first (metadata), then the pixels; raises NotAssessable."""
@@ -407,7 +431,11 @@ class Worker:
             for j, s, r in zip(batch.jobs, scores, refused, strict=True)
             if r
         }
-        self.jobs.mark_not_assessed([(j, reasons.OUT_OF_DISTRIBUTION) for j in ended], details)
+        self.jobs.mark_not_assessed(
+            [(j, reasons.OUT_OF_DISTRIBUTION) for j in ended],
+            details,
+            plan=lambda session, held: self.plan_not_assessed(session, held, batch.model),
+        )
         for job in ended:
             log.info(
                 "job %d (instance %d): not assessed, %s (score %.3f > %.3f, model %s)",
@@ -433,10 +461,11 @@ class Worker:
         results: list[tuple[ClaimedJob, str, float]] = []
         held: list[ClaimedJob] = []
         with self.db.session() as session:
+            recorded: list[tuple[ClaimedJob, float, Label, int | None]] = []
             for job, p in zip(batch.jobs, probs, strict=True):
                 probability = float(p)
-                label = str(label_for(probability, model.threshold))
-                results.append((job, label, probability))
+                label = label_for(probability, model.threshold)
+                results.append((job, str(label), probability))
                 pred_id = record_prediction(
                     session,
                     instance_id=job.instance_id,
@@ -445,16 +474,17 @@ class Worker:
                     run_id=job.run_id,
                     job_id=job.id,
                 )
-                label = label_for(probability, model.threshold)
-                if pred_id is not None:
-                    plan_results(
-                        session,
-                        self.config.results,
-                        instance_id=job.instance_id,
-                        prediction_id=pred_id,
-                        label=label,
-                        actor=self.jobs.actor,
-                    )
+                recorded.append((job, probability, label, pred_id))
+            # One plan for the whole batch (a few statements, whatever its size); each
+            # job's audit event names the objects its prediction yielded.
+            fresh = [r for r in recorded if r[3] is not None]
+            planned = plan_results(
+                session,
+                self.config.results,
+                [PlanItem(j.instance_id, prediction_id=pid, label=lab) for j, _, lab, pid in fresh],
+            )
+            objects = {r[0].id: objs for r, objs in zip(fresh, planned, strict=True)}
+            for job, probability, label, pred_id in recorded:
                 if self.jobs.mark_done(
                     session,
                     job,
@@ -466,16 +496,17 @@ class Worker:
                         "label": str(label),
                         "threshold": model.threshold,
                         "run_id": job.run_id,
+                        "result_objects": [o.detail() for o in objects.get(job.id, [])],
                     },
                 ):
                     held.append(job)
         # Identifiers only: a log line must not carry a patient's name or ID (STYLE.md).
-        for job, label, probability in results:
+        for job, label_text, probability in results:
             log.info(
                 "job %d (instance %d): %s, p=%.4f (threshold %.4f, model %s)",
                 job.id,
                 job.instance_id,
-                label,
+                label_text,
                 probability,
                 model.threshold,
                 model.version,

@@ -11,7 +11,8 @@ B. the same with ``sr = true`` (overlay off) and the ``sender`` role running in 
    stay within 10 % of A;
 C. as B with ``sc_overlay = "positives"``;
 P. (only with ``--phases`` naming it) as B with the sender off: the worker's own share,
-   planning the SR rows and their audit events in the prediction's transaction;
+   planning the batch's SR rows in the prediction's transaction (a few statements per
+   batch; the objects are named in each job's existing audit event);
 D. with ``sc_overlay = "all"``, classification first, then each render and each send
    timed on its own: milliseconds per SR, per overlay, per C-STORE.
 

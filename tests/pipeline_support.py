@@ -192,6 +192,11 @@ reclassify_cron = "{c.scheduler.reclassify_cron}"
 timezone = "{c.scheduler.timezone}"
 misfire_grace_s = {c.scheduler.misfire_grace_s}
 
+[results]
+sr = {str(c.results.sr).lower()}
+sr_not_assessed = {str(c.results.sr_not_assessed).lower()}
+sc_overlay = "{c.results.sc_overlay}"
+
 [web]
 host = "{c.web.host}"
 port = {c.web.port}

@@ -73,6 +73,11 @@ def test_missing_default_file_means_defaults(
         ),
         ('[results]\nsc_overlay = "some"\n', "results.sc_overlay: must be one of off, positives"),
         ("[results]\nretry_backoff_max_s = 1\n", "results.retry_backoff_max_s: must be >="),
+        ("[results]\nsr_not_assessed = 1\n", "results.sr_not_assessed: expected true or false"),
+        (
+            "[results]\nsr = false\nsr_not_assessed = true\n",
+            "results.sr_not_assessed: needs results.sr = true",
+        ),
         ("[drift]\npsi_alert = -0.1\n", "drift.psi_alert: must be >= 0 (0: off)"),
         ("[drift]\npositive_rate_alert = 1.5\n", "drift.positive_rate_alert: must be 0-1"),
         ("[drift]\nmin_count = 0\n", "drift.min_count: must be >= 1"),
@@ -234,7 +239,7 @@ def test_destinations_are_a_typed_list(tmp_path: Path) -> None:
     body = (
         '[[destinations]]\nae_title = "PACS"\nhost = "pacs.example"\nport = 104\n'
         'send = ["sr"]\ntls = { enabled = false }\n'
-        '[results]\nsc_overlay = "all"\n'
+        '[results]\nsc_overlay = "all"\nsr_not_assessed = true\n'
     )
     config = load_config(_write(tmp_path, body), environ={})
     (dest,) = config.destinations
@@ -245,3 +250,4 @@ def test_destinations_are_a_typed_list(tmp_path: Path) -> None:
         ("sr",),
     )
     assert config.results.sc_overlay == "all"
+    assert config.results.sr_not_assessed is True

@@ -38,6 +38,7 @@ from pacs_classifier.db.models import (
     Label,
     Model,
     Prediction,
+    ResultObject,
 )
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
@@ -227,12 +228,19 @@ def _check_rows(db: Database, dicom_dir: Path) -> None:
         ("not_assessed", by_uid[uid_of[n]][1], 1) for n in NOT_CHEST
     )
     assert turnaround.rows[0][1] == 5
-    # The prediction plans its SR in the same transaction (SPEC §11), before the job ends.
-    assert [r[3:5] for r in trail.rows] == [
-        ("store", "stored"),
-        ("result.plan", "queued"),
-        ("job.classify", "done"),
-    ]
+    # The prediction plans its SR in the same transaction (SPEC §11): the job's event
+    # names the queued object.
+    assert [r[3:5] for r in trail.rows] == [("store", "stored"), ("job.classify", "done")]
+    with db.session() as s:
+        done = s.execute(
+            select(AuditEvent).where(
+                AuditEvent.action == "job.classify", AuditEvent.outcome == "done"
+            )
+        ).scalars()
+        planned = [o for e in done for o in e.detail["result_objects"]]
+        objects = {o.sop_instance_uid: o for o in s.execute(select(ResultObject)).scalars()}
+    assert len(planned) == len(objects) == 5  # one SR per prediction, none for the rest
+    assert {o["sop_instance_uid"] for o in planned} == set(objects)
     assert changes.rows == []
 
 

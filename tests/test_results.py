@@ -21,6 +21,7 @@ from pipeline_support import (
     drain_jobs,
     free_port,
     make_config,
+    wait_for,
 )
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -41,7 +42,7 @@ from pacs_classifier.db.models import (
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
 from pacs_classifier.report import queries
-from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, plan_results
+from pacs_classifier.results.outbound import COMPREHENSIVE_3D_SR, PlanItem, plan_results
 from pacs_classifier.results.role import ResultsWorker
 from pacs_classifier.results.sr import (
     NotAssessedContent,
@@ -225,16 +226,9 @@ def test_a_changed_label_supersedes_the_sr(
                 s, instance_id=instance_id, model=ref, probability=p, run_id=run
             )
             assert pred is not None
-            planned.append(
-                plan_results(
-                    s,
-                    config.results,
-                    instance_id=instance_id,
-                    prediction_id=pred,
-                    label=label_for(p, threshold),
-                    actor="test",
-                )
-            )
+            item = PlanItem(instance_id, prediction_id=pred, label=label_for(p, threshold))
+            (objects,) = plan_results(s, config.results, [item])
+            planned.append([o.id for o in objects])
     assert [len(p) for p in planned] == [1, 0, 2]  # the PNEUMONIA one also gets an overlay
     results = ResultsWorker(db, config)
     assert not results.defer(results.renders)  # no classification backlog
@@ -260,3 +254,95 @@ def test_a_changed_label_supersedes_the_sr(
     series = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.sop_instance_uid
     assert new.SOPInstanceUID == second.sop_instance_uid
+
+
+def test_not_assessed_sr_when_configured_is_sent_then_superseded(
+    db_url: str,
+    tmp_path: Path,
+    dicom_dir: Path,
+    tiny_bundles: Bundles,
+    dicom3tools: None,
+    dcmtk: dict[str, str],
+) -> None:
+    port = free_port()
+    received = tmp_path / "scp"
+    received.mkdir()
+    scp = subprocess.Popen(
+        [dcmtk["storescp"], "-aet", "SCP", "-od", str(received), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    dest = {"ae_title": "SCP", "host": "127.0.0.1", "port": port, "send": ["sr"]}
+    raw = {
+        "database": {"url": db_url},
+        "storage": {"root": str(tmp_path / "dicom"), "min_free_mb": 1},
+        "model": {"dir": str(tmp_path / "models")},
+        "worker": {"batch_size": 8, "max_batch_wait_ms": 50, "poll_interval_ms": 50},
+        "results": {
+            "sr_not_assessed": True,
+            "sc_overlay": "off",
+            "timeout_s": 5,
+            "retry_backoff_s": 0,
+        },
+        "destinations": [dest],
+    }
+    config = config_from_mapping(raw, base_dir=tmp_path)
+    db = Database(db_url)
+    try:
+        v1 = register_bundle(db, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
+        (leg,) = add_instances(db, [dicom_dir / "leg_cr_mono1_10bit_j2k_lossless.dcm"])
+        drain_jobs(config)
+        with db.session() as s:
+            (first,) = s.execute(select(ResultObject)).scalars()
+            event = s.execute(
+                select(AuditEvent).where(AuditEvent.outcome == "not_assessed")
+            ).scalar_one()
+        # Planned with its UIDs in the transaction that ended the job, and named by its event.
+        assert (first.instance_id, first.prediction_id, first.model_id) == (leg, None, v1.id)
+        assert event.detail["reason"] == "body_part"
+        assert [o["sop_instance_uid"] for o in event.detail["result_objects"]] == [
+            first.sop_instance_uid
+        ]
+        ResultsWorker(db, config).drain(timeout_s=60)
+        wait_for(
+            lambda: _at_scp(received, first.sop_instance_uid) is not None, 30, "the SR at the SCP"
+        )
+        arrived = _at_scp(received, first.sop_instance_uid)
+        assert arrived is not None
+        assert dciodvfy_errors(arrived) == []
+        dump = subprocess.run(
+            ["dsrdump", str(arrived)], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        assert '"Pneumonia")=(373068000,SCT,"Undetermined")' in dump
+        assert '"Reason not assessed")=(body_part,99PACSCLS,' in dump
+        with db.session() as s:
+            (send,) = s.execute(select(SendJob)).scalars()
+            assert (send.object_id, send.state) == (first.id, JobState.DONE)
+            # Not assessed again (another run): nothing new. Assessed later: a new SR
+            # supersedes it, like a changed label.
+            again = PlanItem(leg, job_id=first.job_id, model_id=v1.id)
+            ref = ModelRef(v1.id, v1.version, 0.5, v1.image_size)
+            pred = record_prediction(s, instance_id=leg, model=ref, probability=0.9, run_id=None)
+            later = PlanItem(leg, prediction_id=pred, label=Label.PNEUMONIA)
+            none, (second,) = plan_results(s, config.results, [again, later])
+            assert none == [] and second.supersedes == first.id
+        ResultsWorker(db, config).drain(timeout_s=60)
+        wait_for(
+            lambda: _at_scp(received, second.sop_instance_uid) is not None,
+            30,
+            "the new SR at the SCP",
+        )
+        replaced = _at_scp(received, second.sop_instance_uid)
+        assert replaced is not None
+        new = pydicom.dcmread(replaced)
+        series = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.sop_instance_uid
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+        db.dispose()
+
+
+def _at_scp(folder: Path, sop_instance_uid: str) -> Path | None:
+    """The file storescp wrote for an instance (it names files ``<modality>.<uid>``)."""
+    return next(iter(folder.glob(f"*{sop_instance_uid}")), None)

@@ -239,7 +239,7 @@ class ResultKind(enum.StrEnum):
 
 
 class ResultObject(Base):
-    """One DICOM object made from a prediction, and its render job.
+    """One DICOM object made from a prediction (or a not-assessed job), and its render job.
 
     The UIDs are chosen when the row is inserted (with the prediction), so rendering
     again after a crash, or sending again after a failure, always yields the same object.
@@ -255,7 +255,13 @@ class ResultObject(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
-    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    #: The prediction it reports; None for the SR of a not-assessed instance
+    #: (``[results] sr_not_assessed``), which reports ``job_id``'s reason instead.
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"))
+    #: The classification job that ended not assessed (set only where prediction_id is None).
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    #: The model that was active then (set only where prediction_id is None).
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind, "result_kind"))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)

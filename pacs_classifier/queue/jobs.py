@@ -126,6 +126,10 @@ class EndedJob:
 
 #: Told which jobs ended (after their transaction committed) and by whom (an audit actor).
 JobsEnded = Callable[[Sequence[EndedJob], str], None]
+#: ``(session, [(job, reason)])`` → extra audit detail per job, in order.
+NotAssessedPlanner = Callable[
+    [Session, Sequence[tuple[ClaimedJob, str]]], Sequence[Mapping[str, object]]
+]
 
 
 @dataclass(frozen=True)
@@ -331,20 +335,36 @@ class JobQueue:
         self,
         outcomes: Sequence[tuple[ClaimedJob, str]],
         details: Mapping[int, Mapping[str, object]] | None = None,
+        *,
+        plan: NotAssessedPlanner | None = None,
     ) -> None:
         """End jobs ``not_assessed`` with their reason codes (no retry: the input is what it is).
 
         ``details`` (by job id) adds to a job's audit event, e.g. the score that refused it.
+        ``plan``, called in the same transaction with the jobs this worker still held,
+        queues what follows from them (``[results] sr_not_assessed``) and returns extra
+        audit detail per job, in order.
         """
         if not outcomes:
             return
         ended: list[EndedJob] = []
         with self.db.session() as session:
+            held = [
+                (job, reason)
+                for job, reason in outcomes
+                if self._finish(session, job, JobState.NOT_ASSESSED, reason)
+            ]
+            extra: dict[int, Mapping[str, object]] = {}
+            if plan is not None and held:
+                extra = dict(zip((j.id for j, _ in held), plan(session, held), strict=True))
             for job, reason in outcomes:
-                if self._finish(session, job, JobState.NOT_ASSESSED, reason):
-                    ended.append(ended_job(job, JobState.NOT_ASSESSED))
-                extra = (details or {}).get(job.id, {})
-                self._audit_outcome(session, job, "not_assessed", {"reason": reason, **extra})
+                detail: dict[str, object] = {
+                    "reason": reason,
+                    **(details or {}).get(job.id, {}),
+                    **extra.get(job.id, {}),
+                }
+                self._audit_outcome(session, job, "not_assessed", detail)
+            ended = [ended_job(job, JobState.NOT_ASSESSED) for job, _ in held]
         self.ended(ended)
 
     def fail(self, failures: Sequence[tuple[ClaimedJob, str, bool]]) -> list[Outcome]:

@@ -5,8 +5,10 @@ LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite):
 
 - ``result_objects``: one render job per DICOM object. A row is inserted in the
   transaction that records the prediction (:func:`plan_results`), with its SOP Instance
-  UID and Series Instance UID already chosen, so rendering twice (after a crash) yields
-  the same object and a destination never sees two objects for one result.
+  UID and Series Instance UID already chosen (a not-assessed instance's SR, with
+  ``[results] sr_not_assessed``, in the transaction that ends its job), so rendering
+  twice (after a crash) yields the same object and a destination never sees two
+  objects for one result.
 - ``send_jobs``: one C-STORE per rendered object per destination that wants its kind,
   inserted in the transaction that marks the object rendered.
 
@@ -27,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs_classifier.config import Config, ResultsConfig
@@ -54,7 +56,6 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SOP_CLASS = {ResultKind.SR: COMPREHENSIVE_3D_SR, ResultKind.SC: SECONDARY_CAPTURE}
 #: Audit actions.
-ACTION_PLAN = "result.plan"
 ACTION_RENDER = "result.render"
 ACTION_SEND = "result.send"
 ACTION_RETRY = "result.send_retry"
@@ -76,78 +77,148 @@ def wants_overlay(results: ResultsConfig, label: Label) -> bool:
     return results.sc_overlay == "positives" and label == Label.PNEUMONIA
 
 
-def plan_results(
-    session: Session,
-    results: ResultsConfig,
-    *,
-    instance_id: int,
-    prediction_id: int,
-    label: Label,
-    actor: str,
-) -> list[int]:
-    """Queue the objects a new prediction yields, in the caller's transaction.
+@dataclass(frozen=True)
+class PlanItem:
+    """One outcome of a batch that may yield objects: a prediction, or a not-assessed job.
 
-    An instance's first prediction yields an SR (and an overlay per ``sc_overlay``).
-    A later one (a reclassification) yields a new one only when its label differs from
-    that of the newest object of the same kind; the new SR names the old one in its
-    Predecessor Documents Sequence. Returns the new ``result_objects`` ids.
+    A prediction has ``prediction_id`` and ``label``; a not-assessed instance has neither,
+    and names its ``job_id`` (whose ``reason`` the SR reports) and the ``model_id`` that
+    was active.
     """
-    kinds = []
-    if results.sr:
-        kinds.append(ResultKind.SR)
+
+    instance_id: int
+    prediction_id: int | None = None
+    label: Label | None = None
+    job_id: int | None = None
+    model_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PlannedObject:
+    """A queued ``result_objects`` row, as the audit event of its job names it."""
+
+    id: int
+    kind: ResultKind
+    sop_instance_uid: str
+    supersedes: int | None
+
+    def detail(self) -> dict[str, object]:
+        return {
+            "object_id": self.id,
+            "kind": str(self.kind),
+            "sop_instance_uid": self.sop_instance_uid,
+            "supersedes": self.supersedes,
+        }
+
+
+def kinds_for(results: ResultsConfig, label: Label | None) -> list[ResultKind]:
+    """What one outcome yields: ``label`` None is a not-assessed instance."""
+    if label is None:
+        return [ResultKind.SR] if results.sr and results.sr_not_assessed else []
+    kinds = [ResultKind.SR] if results.sr else []
     if wants_overlay(results, label):
         kinds.append(ResultKind.SC)
-    if not kinds:
-        return []
-    study = session.execute(
-        select(Instance.study_instance_uid).where(Instance.id == instance_id)
-    ).scalar_one()
-    if not study:
-        return []
-    created: list[int] = []
-    for kind in kinds:
-        last = session.execute(
-            select(ResultObject.id, Prediction.label)
-            .join(Prediction, Prediction.id == ResultObject.prediction_id)
-            .where(ResultObject.instance_id == instance_id, ResultObject.kind == kind)
-            .order_by(ResultObject.id.desc())
-            .limit(1)
-        ).first()
-        if last is not None and Label(last.label) == label:
+    return kinds
+
+
+def plan_results(
+    session: Session, results: ResultsConfig, items: Sequence[PlanItem]
+) -> list[list[PlannedObject]]:
+    """Queue the objects a batch of outcomes yields, in the caller's transaction.
+
+    An instance's first outcome yields an SR (and an overlay per ``sc_overlay``; a
+    not-assessed one an SR only, per ``sr_not_assessed``). A later one (a
+    reclassification) yields a new object only when its label differs from that of the
+    newest object of the same kind, "not assessed" counting as a label of its own; the
+    new SR names the old one in its Predecessor Documents Sequence.
+
+    A few statements per batch, whatever its size: the studies, the newest objects, one
+    insert. Nothing is audited here: the caller names the objects in the audit event of
+    each item's job (``result_objects``), in the same transaction. Returns the planned
+    objects of each item, in the order of ``items``.
+    """
+    planned: list[list[PlannedObject]] = [[] for _ in items]
+    wanted = [(n, item) for n, item in enumerate(items) if kinds_for(results, item.label)]
+    # An instance twice in one batch (a live job and a run's job) is planned in a later
+    # round, so that it sees the object the first one planned.
+    while wanted:
+        seen: set[int] = set()
+        now_round: list[tuple[int, PlanItem]] = []
+        later: list[tuple[int, PlanItem]] = []
+        for n, item in wanted:
+            (later if item.instance_id in seen else now_round).append((n, item))
+            seen.add(item.instance_id)
+        for n, objects in _plan_round(session, results, now_round):
+            planned[n] = objects
+        wanted = later
+    return planned
+
+
+def _plan_round(
+    session: Session, results: ResultsConfig, items: list[tuple[int, PlanItem]]
+) -> list[tuple[int, list[PlannedObject]]]:
+    ids = [item.instance_id for _, item in items]
+    studies: dict[int, str | None] = {
+        instance_id: study
+        for instance_id, study in session.execute(
+            select(Instance.id, Instance.study_instance_uid).where(Instance.id.in_(ids))
+        )
+    }
+    newest = (
+        select(func.max(ResultObject.id))
+        .where(ResultObject.instance_id.in_(ids))
+        .group_by(ResultObject.instance_id, ResultObject.kind)
+    )
+    last: dict[tuple[int, ResultKind], tuple[int, Label | None]] = {}
+    for obj_id, instance_id, kind, label in session.execute(
+        select(ResultObject.id, ResultObject.instance_id, ResultObject.kind, Prediction.label)
+        .outerjoin(Prediction, Prediction.id == ResultObject.prediction_id)
+        .where(ResultObject.id.in_(newest))
+    ):
+        last[(instance_id, ResultKind(kind))] = (obj_id, Label(label) if label else None)
+    rows: list[dict[str, Any]] = []
+    owners: list[int] = []
+    now = utcnow()
+    for n, item in items:
+        study = studies.get(item.instance_id)
+        if not study:
             continue
-        obj = ResultObject(
-            instance_id=instance_id,
-            prediction_id=prediction_id,
-            kind=kind,
-            sop_class_uid=SOP_CLASS[kind],
-            sop_instance_uid=str(generate_uid()),
-            series_instance_uid=series_uid_for(study, kind),
-            study_instance_uid=study,
-            predecessor_id=last.id if last is not None and kind == ResultKind.SR else None,
-            state=JobState.QUEUED,
-            attempts=0,
-            created_at=utcnow(),
-            updated_at=utcnow(),
+        for kind in kinds_for(results, item.label):
+            previous = last.get((item.instance_id, kind))
+            if previous is not None and previous[1] == item.label:
+                continue
+            rows.append(
+                {
+                    "instance_id": item.instance_id,
+                    "prediction_id": item.prediction_id,
+                    "job_id": item.job_id if item.prediction_id is None else None,
+                    "model_id": item.model_id if item.prediction_id is None else None,
+                    "kind": kind,
+                    "sop_class_uid": SOP_CLASS[kind],
+                    "sop_instance_uid": str(generate_uid()),
+                    "series_instance_uid": series_uid_for(study, kind),
+                    "study_instance_uid": study,
+                    "predecessor_id": (
+                        previous[0] if previous is not None and kind == ResultKind.SR else None
+                    ),
+                    "state": JobState.QUEUED,
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            owners.append(n)
+    out: dict[int, list[PlannedObject]] = {}
+    if not rows:
+        return []
+    new_ids = session.execute(
+        insert(ResultObject).returning(ResultObject.id, sort_by_parameter_order=True), rows
+    ).scalars()
+    for n, row, obj_id in zip(owners, rows, new_ids, strict=True):
+        out.setdefault(n, []).append(
+            PlannedObject(obj_id, row["kind"], row["sop_instance_uid"], row["predecessor_id"])
         )
-        session.add(obj)
-        session.flush()
-        created.append(obj.id)
-        append_event(
-            session,
-            actor=actor,
-            action=ACTION_PLAN,
-            outcome="queued",
-            entity_type="instance",
-            entity_id=instance_id,
-            detail={
-                "object_id": obj.id,
-                "kind": str(kind),
-                "sop_instance_uid": obj.sop_instance_uid,
-                "prediction_id": prediction_id,
-                "supersedes": obj.predecessor_id,
-            },
-        )
-    return created
+    return list(out.items())
 
 
 def is_own_output(session: Session, sop_instance_uid: str) -> bool:
@@ -213,9 +284,12 @@ class RenderTask:
     sop_instance_uid: str
     series_instance_uid: str
     study_instance_uid: str
-    label: Label
-    probability: float
-    threshold: float
+    #: None, with probability and threshold: the SR of a not-assessed instance.
+    label: Label | None
+    probability: float | None
+    threshold: float | None
+    #: The job's reason code where the instance was not assessed.
+    not_assessed_reason: str | None
     model_version: str
     model_sha256: str
     model_path: str
@@ -373,15 +447,16 @@ class RenderQueue(LeasedQueue):
             if not ids:
                 return []
             objects = session.execute(
-                select(ResultObject, Instance.file_path, Prediction, Model)
+                select(ResultObject, Instance.file_path, Prediction, Model, Job.reason)
                 .join(Instance, Instance.id == ResultObject.instance_id)
-                .join(Prediction, Prediction.id == ResultObject.prediction_id)
-                .join(Model, Model.id == Prediction.model_id)
+                .outerjoin(Prediction, Prediction.id == ResultObject.prediction_id)
+                .outerjoin(Job, Job.id == ResultObject.job_id)
+                .join(Model, Model.id == func.coalesce(Prediction.model_id, ResultObject.model_id))
                 .where(ResultObject.id.in_(ids))
                 .order_by(ResultObject.id)
             ).all()
             tasks = []
-            for obj, source_path, pred, model in objects:
+            for obj, source_path, pred, model, job_reason in objects:
                 predecessor = None
                 if obj.predecessor_id is not None:
                     pre = session.get(ResultObject, obj.predecessor_id)
@@ -402,9 +477,10 @@ class RenderQueue(LeasedQueue):
                         sop_instance_uid=obj.sop_instance_uid,
                         series_instance_uid=obj.series_instance_uid,
                         study_instance_uid=obj.study_instance_uid,
-                        label=Label(pred.label),
-                        probability=pred.probability,
-                        threshold=pred.threshold,
+                        label=Label(pred.label) if pred is not None else None,
+                        probability=pred.probability if pred is not None else None,
+                        threshold=pred.threshold if pred is not None else None,
+                        not_assessed_reason=None if pred is not None else job_reason,
                         model_version=model.version,
                         model_sha256=model.sha256,
                         model_path=model.path,

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pacs_classifier.config import Config
+from pacs_classifier.errors import PermanentError
 from pacs_classifier.results.outbound import RenderTask
 from pacs_classifier.results.sr import PRODUCT, evidence_of
 
@@ -86,6 +87,8 @@ def compose(
 
 
 def banner_text(task: RenderTask) -> str:
+    if task.probability is None:  # only predictions are planned an overlay
+        raise PermanentError(f"result object {task.object_id}: an overlay needs a prediction")
     return (
         f"AI: {task.label}  p={task.probability:.3f}  model {task.model_version}\n"
         "NOT FOR DIAGNOSTIC USE"

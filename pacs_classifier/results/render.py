@@ -22,7 +22,13 @@ from pacs_classifier.config import Config
 from pacs_classifier.db.models import ResultKind
 from pacs_classifier.errors import NotAssessable, PermanentError
 from pacs_classifier.results.outbound import RenderTask
-from pacs_classifier.results.sr import ObjectUids, SrContent, build_sr
+from pacs_classifier.results.sr import (
+    NotAssessedContent,
+    ObjectUids,
+    SrContent,
+    build_not_assessed_sr,
+    build_sr,
+)
 from pacs_classifier.store.storage import check_uid, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
@@ -73,7 +79,19 @@ def read_source(config: Config, task: RenderTask, *, pixels: bool) -> Dataset:
 
 
 def render_sr(config: Config, task: RenderTask) -> Dataset:
-    """The SR dataset of a task."""
+    """The SR dataset of a task: a classification's, or a not-assessed instance's."""
+    uids = ObjectUids(task.sop_instance_uid, task.series_instance_uid, task.object_id)
+    if task.label is None or task.probability is None or task.threshold is None:
+        content = NotAssessedContent(
+            reason=task.not_assessed_reason or "",
+            model_version=task.model_version,
+            model_sha256=task.model_sha256,
+        )
+        source = read_source(config, task, pixels=False)
+        try:
+            return build_not_assessed_sr(source, content, uids, task.predecessor)
+        except ValueError as exc:  # no usable reason code: rendering again will not help
+            raise PermanentError(f"not-assessed SR: {exc}") from None
     return build_sr(
         read_source(config, task, pixels=False),
         SrContent(
@@ -83,7 +101,7 @@ def render_sr(config: Config, task: RenderTask) -> Dataset:
             model_version=task.model_version,
             model_sha256=task.model_sha256,
         ),
-        ObjectUids(task.sop_instance_uid, task.series_instance_uid, task.object_id),
+        uids,
         task.predecessor,
     )
 
