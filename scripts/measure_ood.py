@@ -37,18 +37,11 @@ from pacs_classifier.model.bundle import read_bundle  # noqa: E402
 from pacs_classifier.model.ood import OodModel, read_ood  # noqa: E402
 from pacs_classifier.model.runtime import Predictor, load_predictor  # noqa: E402
 from pacs_classifier.preprocess import normalize_file, serving_tensor  # noqa: E402
+from pacs_classifier.preprocess.eligibility import DESCRIPTION_KEYWORDS  # noqa: E402
 from pacs_classifier.train.ood import split_files  # noqa: E402
 
-#: Elements the stripped dental copy loses: everything that says what was imaged.
-STRIPPED = (
-    "StudyDescription",
-    "SeriesDescription",
-    "ProtocolName",
-    "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription",
-    "AcquisitionDeviceProcessingDescription",
-    "BodyPartExamined",
-)
+#: Elements the stripped dental copy loses: everything eligibility reads about what was imaged.
+STRIPPED = DESCRIPTION_KEYWORDS
 
 
 def scores(predictor: Predictor, ood: OodModel, x: npt.NDArray[np.float32]) -> Any:

@@ -125,4 +125,5 @@ def test_reason_codes_are_the_documented_ones() -> None:
         "modality", "body_part", "view_position", "too_small", "multi_frame",
         "not_a_chest_radiograph", "no_pixel_data", "undecodable",
         "unsupported_photometric", "too_large", "bad_dimensions", "corrupt_image", "own_output",
+        "out_of_distribution",
     } == reasons.ALL  # fmt: skip

@@ -26,6 +26,7 @@ from pacs_classifier.model.bundle import read_bundle
 from pacs_classifier.model.ood import OOD_FILE, fit_ood, read_ood, write_ood
 from pacs_classifier.model.registry import register_bundle
 from pacs_classifier.preprocess import reasons
+from pacs_classifier.preprocess.eligibility import DESCRIPTION_KEYWORDS
 
 #: Adult chest films the paediatric reference model still reads as in distribution (the
 #: 15-bit CR of the shared set scores just above the threshold: docs/model-quality.md).
@@ -35,16 +36,8 @@ CHEST = [
     "chest_sc_mono2_8bit_jpeg_baseline.dcm",
 ]
 DENTAL = "dental_cr_mono1_jpeg_lossless_modality_lut.dcm"
-#: Everything in the dental file that says what was imaged.
-DESCRIPTIONS = (
-    "StudyDescription",
-    "SeriesDescription",
-    "ProtocolName",
-    "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription",
-    "AcquisitionDeviceProcessingDescription",
-    "BodyPartExamined",
-)
+#: Everything in the dental file that says what was imaged: what eligibility reads.
+DESCRIPTIONS = DESCRIPTION_KEYWORDS
 
 
 def _stripped_dental(dicom_dir: Path, out: Path) -> Path:
