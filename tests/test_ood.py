@@ -141,3 +141,17 @@ def test_ood_file_of_another_model_is_refused(tiny_bundles: Bundles, tmp_path: P
         fit_ood(rng.normal(size=(50, 16)), rng.normal(size=(20, 16)), info.sha256),
     )
     assert read_ood(info) is not None
+
+
+def test_classify_now_applies_the_check_as_the_worker_does(
+    dicom_dir: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    from pacs_classifier.commands.classify import classify_now
+    from pacs_classifier.wiring import App
+
+    dental = _stripped_dental(dicom_dir, tmp_path / "pano.dcm")
+    with App(make_config(tmp_path, sqlite_url)) as app:
+        rows = classify_now(app, [dental, dicom_dir / CHEST[0]], REFERENCE_MODEL_DIR)
+    assert rows[0].label == JobState.NOT_ASSESSED.value
+    assert rows[0].reason == reasons.OUT_OF_DISTRIBUTION and rows[0].probability is None
+    assert rows[1].label in ("PNEUMONIA", "NORMAL") and rows[1].probability is not None

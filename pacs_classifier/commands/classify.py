@@ -68,8 +68,9 @@ def classify_now(app: App, paths: list[Path], model_dir: Path | None) -> list[Ro
     """Classify in this process, storing nothing."""
     import numpy as np
 
+    from pacs_classifier.model.ood import read_ood
     from pacs_classifier.model.runtime import load_predictor
-    from pacs_classifier.preprocess import serving_tensor
+    from pacs_classifier.preprocess import reasons, serving_tensor
     from pacs_classifier.record.predictions import label_for
 
     if model_dir is None:
@@ -82,6 +83,8 @@ def classify_now(app: App, paths: list[Path], model_dir: Path | None) -> list[Ro
             model_dir = Path(active.path)
     predictor = load_predictor(model_dir, app.config.model.runtime)
     size, threshold = predictor.info.image_size, predictor.info.threshold
+    # The worker's out-of-distribution check too, so a file gets here what it gets in service.
+    ood = read_ood(predictor.info)
     rules = app.config.eligibility
     rows: list[Row] = []
     for path in paths:
@@ -90,7 +93,13 @@ def classify_now(app: App, paths: list[Path], model_dir: Path | None) -> list[Ro
         except NotAssessable as exc:
             rows.append(Row(str(path), JobState.NOT_ASSESSED.value, None, exc.reason))
             continue
-        p = float(predictor.predict(np.expand_dims(tensor, 0))[0])
+        out = predictor.infer(np.expand_dims(tensor, 0))
+        features = out.features
+        if ood is not None and features is not None and ood.score(features)[0] > ood.threshold:
+            reason = reasons.OUT_OF_DISTRIBUTION
+            rows.append(Row(str(path), JobState.NOT_ASSESSED.value, None, reason))
+            continue
+        p = float(out.probability[0])
         rows.append(Row(str(path), str(label_for(p, threshold)), p))
     return rows
 
