@@ -26,6 +26,7 @@ from pacs_classifier.db.migrate import require_head
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from pacs_classifier.queue.doorbell import Doorbell
     from pacs_classifier.queue.jobs import JobQueue
     from pacs_classifier.receive.listener import Listener
     from pacs_classifier.reclassify import RunLifecycle
@@ -99,11 +100,33 @@ class App:
 
         return RunLifecycle(self.checked_db())
 
+    @cached_property
+    def bell_address(self) -> str:
+        """The job doorbell of this deployment (:mod:`pacs_classifier.queue.doorbell`):
+        named after its database, the SQLite file by its resolved path."""
+        from sqlalchemy.engine import make_url
+
+        from pacs_classifier.config import sqlite_path
+        from pacs_classifier.queue.doorbell import bell_address
+
+        db_file = sqlite_path(self.config.database_url)
+        if db_file is not None:
+            return bell_address(f"sqlite:{db_file.resolve()}")
+        return bell_address(make_url(self.config.database_url).render_as_string(hide_password=True))
+
+    @cached_property
+    def doorbell(self) -> Doorbell:
+        """Rung after a job is queued, to wake this host's idle worker."""
+        from pacs_classifier.queue.doorbell import Doorbell
+
+        return Doorbell(self.bell_address)
+
     def ingestor(self) -> Ingestor:
-        """Stores received files and queues their jobs (the listener, ``classify --record``)."""
+        """Stores received files and queues their jobs (the listener, ``classify --record``);
+        each job queued rings the doorbell."""
         from pacs_classifier.store.ingest import Ingestor
 
-        return Ingestor(self.checked_db(), self.storage)
+        return Ingestor(self.checked_db(), self.storage, on_queued=self.doorbell.ring)
 
     def job_queue(self) -> JobQueue:
         """A queue for one worker: this host's worker locks, the runs' lifecycle hook."""
@@ -135,12 +158,17 @@ class App:
         run_id: int | None = None,
         job_ids: list[int] | None = None,
         loader: PredictorLoader | None = None,
+        woken: bool = False,
     ) -> Worker:
         """A classification worker (``--roles worker``); ``run_id`` narrows it to one
-        reclassification run, ``job_ids`` to given jobs (``classify --record``)."""
+        reclassification run, ``job_ids`` to given jobs (``classify --record``); ``woken``
+        has it hold this host's job doorbell (``serve``'s worker) instead of only polling."""
+        from pacs_classifier.queue.doorbell import Bell
         from pacs_classifier.worker import Worker
 
         extra: dict[str, Any] = {} if loader is None else {"loader": loader}
+        if woken:
+            extra["bell"] = Bell(self.bell_address)
         return Worker(
             self.checked_db(),
             self.config,
@@ -174,6 +202,8 @@ class App:
         return create_app(self.config, self.checked_db(), local_listener=self.running_listener)
 
     def close(self) -> None:
+        if "doorbell" in self.__dict__:
+            self.doorbell.close()
         if "db" in self.__dict__:
             self.db.dispose()
 

@@ -1,12 +1,18 @@
 """The classification worker: claim → check → normalise → infer → record, pipelined.
 
-The *preparer* thread claims a batch (up to ``batch_size`` jobs, waiting at most
-``max_batch_wait_ms`` for it to fill), and has a bounded pool of :func:`decode_threads`
-threads check eligibility and normalise the pixels of its files side by side (NumPy and the
-C decoders release the interpreter for part of their work); the *inferer* runs the model on the
-previous batch meanwhile and records the predictions. A bounded hand-over queue of one
-batch keeps leases short and memory flat under a burst: at most two batches are held
-beyond the one being inferred, whatever the backlog.
+The *preparer* thread claims a batch (up to ``batch_size`` jobs), and has a bounded pool
+of :func:`decode_threads` threads check eligibility and normalise the pixels of its files
+side by side (NumPy and the C decoders release the interpreter for part of their work); the
+*inferer* runs the model on the previous batch meanwhile and records the predictions. A
+bounded hand-over queue of one batch keeps leases short and memory flat under a burst: at
+most two batches are held beyond the one being inferred, whatever the backlog.
+
+Batches form while the model is busy: when the inferer has work, the preparer waits up to
+``max_batch_wait_ms`` for its batch to fill (the wait costs nothing, the model could not
+take it sooner); when the inferer is idle, what was claimed goes at once, so an image that
+arrives alone is not held back for company. An idle worker waits for the next job on the
+host's job doorbell (:mod:`pacs_classifier.queue.doorbell`, rung by the listener), polling
+the database every ``poll_interval_ms`` as well.
 
 A job that was claimed before and came back without an outcome (its worker died holding
 it, or a retry) is claimed alone (:meth:`~pacs_classifier.queue.jobs.JobQueue.claim`): a
@@ -53,6 +59,7 @@ from pacs_classifier.model.ood import OOD_FILE, OodModel, read_ood
 from pacs_classifier.model.registry import active_model
 from pacs_classifier.model.runtime import Inference, Predictor, load_predictor
 from pacs_classifier.preprocess import reasons
+from pacs_classifier.queue.doorbell import Bell
 from pacs_classifier.queue.jobs import ClaimedJob, JobQueue, ended_job
 from pacs_classifier.record.predictions import ModelRef, label_for, record_prediction
 from pacs_classifier.results.outbound import PlanItem, plan_results
@@ -129,6 +136,7 @@ class Worker:
         run_id: int | None = None,
         job_ids: list[int] | None = None,
         loader: PredictorLoader = _default_loader,
+        bell: Bell | None = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -150,6 +158,8 @@ class Worker:
         self._unfinished = 0
         self._idle = threading.Condition()
         self._abort_on = os.environ.get(ABORT_ON_UID_ENV)
+        #: Rung when a job is queued on this host; None: poll only.
+        self._bell = bell
 
     # ------------------------------------------------------------------ loop
 
@@ -162,6 +172,8 @@ class Worker:
         try:
             self._run(stop)
         finally:
+            if self._bell is not None:
+                self._bell.close()
             if locks is not None:
                 locks.release()
 
@@ -211,7 +223,7 @@ class Worker:
                     stop.wait(self._poll_s)
                     continue
                 if batch is None:
-                    stop.wait(self._poll_s)
+                    self._wait_for_jobs(stop, self._poll_s)
                     continue
                 if not batch.jobs:
                     continue
@@ -262,6 +274,26 @@ class Worker:
     def _poll_s(self) -> float:
         return self.config.worker.poll_interval_ms / 1000
 
+    def _wait_for_jobs(self, stop: threading.Event, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the doorbell (a job was queued); True when rung.
+        Without a bell, or when another process holds it, this is the poll's sleep.
+        Returns within 50 ms of ``stop``."""
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._bell is None:
+                stop.wait(min(left, 0.05))
+            elif self._bell.wait(min(left, 0.05)):
+                return True
+        return False
+
+    def _inferer_busy(self) -> bool:
+        """Whether a batch is being inferred or waits to be."""
+        with self._idle:
+            return self._unfinished > 0
+
     # ------------------------------------------------------------------ steps
 
     def current_model(self) -> tuple[ModelRef, str] | None:
@@ -293,18 +325,19 @@ class Worker:
         return batch
 
     def gather(self, stop: threading.Event) -> list[ClaimedJob]:
-        """Claim up to ``batch_size`` jobs, waiting at most ``max_batch_wait_ms`` to fill;
-        a job claimed before comes alone."""
+        """Claim up to ``batch_size`` jobs; while the inferer is busy, wait up to
+        ``max_batch_wait_ms`` for the batch to fill. A job claimed before comes alone."""
         size = self.config.worker.batch_size
         claimed = self.jobs.claim(size, run_id=self.run_id, job_ids=self.job_ids)
         if not claimed or claimed[0].attempts > 1:
             return claimed
         deadline = time.monotonic() + self.config.worker.max_batch_wait_ms / 1000
-        while len(claimed) < size and not stop.is_set():
+        while len(claimed) < size and not stop.is_set() and self._inferer_busy():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            time.sleep(min(left, 0.05))
+            # Claim again as soon as a job is queued (or every 50 ms without the bell).
+            self._wait_for_jobs(stop, min(left, 0.05))
             claimed += self.jobs.claim(
                 size - len(claimed), run_id=self.run_id, job_ids=self.job_ids, fresh_only=True
             )

@@ -37,7 +37,7 @@ def start_worker(app: App) -> StopRole:
     Stopping stops claiming, finishes the batches already prepared, releases the rest and
     waits for the thread.
     """
-    worker = app.worker()
+    worker = app.worker(woken=True)
     # A run whose last job ended just before a crash is closed now, not never.
     app.runs.settle(worker.jobs.actor)
     stop = threading.Event()

@@ -29,6 +29,7 @@ import enum
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,9 +120,14 @@ def _crash_point(step: str) -> None:
 class Ingestor:
     """Turns a received, fsynced temporary file into a committed instance version."""
 
-    def __init__(self, db: Database, storage: Storage) -> None:
+    def __init__(
+        self, db: Database, storage: Storage, *, on_queued: Callable[[], None] | None = None
+    ) -> None:
         self.db = db
         self.storage = storage
+        #: Called after a commit that queued a classification job (the wiring rings the
+        #: worker's doorbell); it must not raise or block.
+        self._on_queued = on_queued
 
     def ingest(
         self,
@@ -176,6 +182,8 @@ class Ingestor:
             self.storage.discard(tmp)
         if marker is not None:
             self.storage.clear_intent(marker)
+        if self._on_queued is not None and result.job_id is not None and marker is not None:
+            self._on_queued()
         return result
 
     def _settle_failed_commit(
