@@ -7,10 +7,12 @@ side by side (NumPy and the C decoders release the interpreter for part of their
 bounded hand-over queue of one batch keeps leases short and memory flat under a burst: at
 most two batches are held beyond the one being inferred, whatever the backlog.
 
-Batches form while the model is busy: when the inferer has work, the preparer waits up to
-``max_batch_wait_ms`` for its batch to fill (the wait costs nothing, the model could not
-take it sooner); when the inferer is idle, what was claimed goes at once, so an image that
-arrives alone is not held back for company. An idle worker waits for the next job on the
+Batches form while the model is busy: each job starts decoding the moment it is claimed,
+and while the inferer has work the preparer keeps claiming for up to ``max_batch_wait_ms``
+or ``batch_size`` jobs (the wait costs nothing, the model could not take them sooner);
+when the inferer is idle, what was claimed goes at once, so an image that arrives alone is
+not held back for company, and under a burst the next batch is decoded by the time the
+model is free. An idle worker waits for the next job on the
 host's job doorbell (:mod:`pacs_classifier.queue.doorbell`, rung by the listener), polling
 the database every ``poll_interval_ms`` as well.
 
@@ -43,7 +45,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,9 +116,10 @@ class WorkerStats:
     retried: int = 0
     failed: int = 0
     batches: int = 0
-    #: Wall time of the three stages, summed over batches: checking and normalising a
-    #: batch's files (on the decode pool), inference, recording the outcomes.
-    prepare_seconds: float = 0.0
+    #: Checking and normalising files, summed over jobs (each job's time on its decode
+    #: thread: the cost of one image on one core, whatever the pool's overlap); then the
+    #: wall time of inference and of recording the outcomes, summed over batches.
+    decode_seconds: float = 0.0
     infer_seconds: float = 0.0
     record_seconds: float = 0.0
 
@@ -151,6 +154,7 @@ class Worker:
         #: The loaded model's out-of-distribution check; None when it has none.
         self._ood: OodModel | None = None
         self.stats = WorkerStats()
+        self._stats_lock = threading.Lock()
         self._handover: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=1)
         self._no_model_logged = False
         self._decode_threads = decode_threads()
@@ -201,13 +205,13 @@ class Worker:
         st = self.stats
         log.info(
             "worker %s stopped: %d done, %d not assessed, %d failed; in %d batch(es) "
-            "prepare %.2f s, infer %.2f s, record %.2f s (%d decode thread(s))",
+            "decode %.2f thread-s, infer %.2f s, record %.2f s (%d decode thread(s))",
             self.jobs.worker_id,
             st.done,
             st.not_assessed,
             st.failed,
             st.batches,
-            st.prepare_seconds,
+            st.decode_seconds,
             st.infer_seconds,
             st.record_seconds,
             self._decode_threads,
@@ -313,59 +317,71 @@ class Worker:
             return None
         self._no_model_logged = False
         model, path = current
-        claimed = self.gather(stop)
+        claimed = self.jobs.claim(
+            self.config.worker.batch_size, run_id=self.run_id, job_ids=self.job_ids
+        )
         if not claimed:
             return None
         alone = claimed[0].attempts > 1
         if alone and not self._wait_idle(stop):
             self.jobs.release(claimed)
             return None
-        batch = self.prepare(claimed, model, path, pool)
+        pending = [pool.submit(self._attempt, job, model) for job in claimed]
+        if not alone:
+            self._fill(stop, claimed, pending, pool, model)
+        outcomes = [f.result() for f in pending]
+        batch = self.sort_outcomes(claimed, outcomes, model, path)
         batch.alone = alone
         return batch
 
-    def gather(self, stop: threading.Event) -> list[ClaimedJob]:
-        """Claim up to ``batch_size`` jobs; while the inferer is busy, wait up to
-        ``max_batch_wait_ms`` for the batch to fill. A job claimed before comes alone."""
+    def _fill(
+        self,
+        stop: threading.Event,
+        claimed: list[ClaimedJob],
+        pending: list[Future[npt.NDArray[np.float32] | Exception]],
+        pool: ThreadPoolExecutor,
+        model: ModelRef,
+    ) -> None:
+        """While the inferer is busy, claim more jobs for this batch (up to ``batch_size``,
+        for at most ``max_batch_wait_ms``), each decoding from the moment it is claimed."""
         size = self.config.worker.batch_size
-        claimed = self.jobs.claim(size, run_id=self.run_id, job_ids=self.job_ids)
-        if not claimed or claimed[0].attempts > 1:
-            return claimed
         deadline = time.monotonic() + self.config.worker.max_batch_wait_ms / 1000
         while len(claimed) < size and not stop.is_set() and self._inferer_busy():
             left = deadline - time.monotonic()
             if left <= 0:
-                break
+                return
             # Claim again as soon as a job is queued (or every 50 ms without the bell).
             self._wait_for_jobs(stop, min(left, 0.05))
-            claimed += self.jobs.claim(
+            more = self.jobs.claim(
                 size - len(claimed), run_id=self.run_id, job_ids=self.job_ids, fresh_only=True
             )
-        return claimed
+            claimed += more
+            pending += [pool.submit(self._attempt, job, model) for job in more]
 
-    def prepare(
+    def _attempt(self, job: ClaimedJob, model: ModelRef) -> npt.NDArray[np.float32] | Exception:
+        """One job's tensor, or what went wrong (sorted by :meth:`sort_outcomes`)."""
+        started = time.perf_counter()
+        try:
+            return self.tensor_for(job, model.image_size)
+        except Exception as exc:  # sorted in the preparer's thread
+            return exc
+        finally:
+            with self._stats_lock:
+                self.stats.decode_seconds += time.perf_counter() - started
+
+    def sort_outcomes(
         self,
         claimed: list[ClaimedJob],
+        outcomes: Sequence[npt.NDArray[np.float32] | Exception],
         model: ModelRef,
         path: str,
-        pool: ThreadPoolExecutor | None = None,
     ) -> PreparedBatch:
-        """Check and normalise each job's file (on ``pool``'s threads when given); record
-        the jobs that end here."""
+        """The batch of the jobs whose tensors are ready; record the jobs that end here
+        (not assessed, failed, retried)."""
         ready: list[ClaimedJob] = []
         tensors: list[npt.NDArray[np.float32]] = []
         not_assessed: list[tuple[ClaimedJob, str]] = []
         failures: list[tuple[ClaimedJob, str, bool]] = []
-
-        def attempt(job: ClaimedJob) -> npt.NDArray[np.float32] | Exception:
-            try:
-                return self.tensor_for(job, model.image_size)
-            except Exception as exc:  # sorted below, in the preparer's thread
-                return exc
-
-        started = time.perf_counter()
-        outcomes = list(pool.map(attempt, claimed) if pool is not None else map(attempt, claimed))
-        self.stats.prepare_seconds += time.perf_counter() - started
         for job, outcome in zip(claimed, outcomes, strict=True):
             if isinstance(outcome, np.ndarray):
                 tensors.append(outcome)

@@ -13,9 +13,9 @@ sends with dcmtk's ``storescu`` (``TCP_NODELAY=1``) and reads the rest from the 
 3. *latency*: ``--steady-count`` images at 5 images/s and as many at 80 % of the ingest
    rate (``--rate R``: one rate instead), one association per image, receive → first
    prediction per instance, p50 / p95 / max;
-4. *stages*: the worker's stop line (time spent preparing batches on its decode pool,
-   inferring, recording) per image, and the RSS of each role process after the warm-up and
-   at the end;
+4. *stages*: the worker's stop line (decoding and normalising each file, on one of its
+   decode threads; inferring; recording) per image, and the RSS of each role process
+   after the warm-up and at the end;
 5. *backfill*: ``pacs-classifier reclassify --all`` over every stored instance (what the
    nightly run does, and an archive backfill) against decode + normalise + inference of
    the same files in one thread of this process, and the raw inference images/s.
@@ -455,7 +455,7 @@ def raw_inference(
 #: The worker's stop line (worker.py): its counters and where its time went.
 WORKER_STOPPED = re.compile(
     r"worker \S+ stopped: (\d+) done, (\d+) not assessed, (\d+) failed; in (\d+) batch\(es\) "
-    r"prepare ([\d.]+) s, infer ([\d.]+) s, record ([\d.]+) s \((\d+) decode thread"
+    r"decode ([\d.]+) thread-s, infer ([\d.]+) s, record ([\d.]+) s \((\d+) decode thread"
 )
 ROLE_STARTED = re.compile(r"role (\w+) (?:started|restarted) \(pid (\d+)\)")
 
@@ -505,7 +505,7 @@ class Stages:
 
     done: int
     batches: int
-    prepare_s: float
+    decode_s: float
     infer_s: float
     record_s: float
     threads: int
@@ -731,8 +731,8 @@ def report(
         rows += [
             ("listener, per file (1 / ingest only)", f"{1000 / ingest:.0f} ms"),
             (
-                f"worker decode + normalise per image ({stages.threads} threads, wall)",
-                f"{stages.per_image_ms(stages.prepare_s):.0f} ms",
+                f"worker decode + normalise per image (per thread; {stages.threads} threads)",
+                f"{stages.per_image_ms(stages.decode_s):.0f} ms",
             ),
             ("worker inference per image", f"{stages.per_image_ms(stages.infer_s):.0f} ms"),
             ("worker record per image", f"{stages.per_image_ms(stages.record_s):.1f} ms"),
