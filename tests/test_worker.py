@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
-from pipeline_support import Bundles, add_instances, all_jobs_ended, drain_jobs, make_config
+import numpy as np
+import numpy.typing as npt
+from pipeline_support import (
+    Bundles,
+    add_instances,
+    all_jobs_ended,
+    drain_jobs,
+    make_config,
+    wait_for,
+)
 from sqlalchemy import func, select
 
 from pacs_classifier.db.engine import Database
 from pacs_classifier.db.models import AuditEvent, Job, JobState, Label, Model, Prediction
 from pacs_classifier.model.registry import activate_version, register_bundle
-from pacs_classifier.model.runtime import Predictor, load_predictor
+from pacs_classifier.model.runtime import Inference, Predictor, load_predictor
 from pacs_classifier.preprocess import reasons
 from pacs_classifier.wiring import App
 
@@ -146,3 +157,62 @@ def test_no_active_model_leaves_jobs_queued(
         states = set(s.execute(select(Job.state)).scalars())
     assert states == {JobState.QUEUED}
     assert loader.loaded == []
+
+
+class SlowPredictor:
+    """The real predictor, each batch taking ``delay_s`` longer: a busy model."""
+
+    def __init__(self, inner: Predictor, delay_s: float) -> None:
+        self._inner = inner
+        self.info = inner.info
+        self.runtime = inner.runtime
+        self.delay_s = delay_s
+        self.batch_sizes: list[int] = []
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> Inference:
+        self.batch_sizes.append(len(batch))
+        time.sleep(self.delay_s)
+        return self._inner.infer(batch)
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self.infer(batch).probability
+
+    def raw_predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self._inner.raw_predict(batch)
+
+
+def test_batches_fill_while_the_model_is_busy_and_a_lone_image_goes_at_once(
+    sqlite_url: str, tmp_path: Path, dicom_dir: Path, tiny_bundles: Bundles
+) -> None:
+    database = Database(sqlite_url)
+    config = make_config(
+        tmp_path,
+        database.url,
+        worker={"batch_size": 8, "max_batch_wait_ms": 20_000, "poll_interval_ms": 20},
+    )
+    register_bundle(database, tiny_bundles.v1, config.model_dir, actor="test", activate=True)
+    predictors: list[SlowPredictor] = []
+
+    def slow_loader(path: str, runtime: str) -> Predictor:
+        predictors.append(SlowPredictor(load_predictor(path, runtime), delay_s=2.0))
+        return predictors[-1]
+
+    with App(config) as app:
+        worker = app.worker(loader=slow_loader)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            add_instances(database, [dicom_dir / CHEST[0]])
+            # The lone image goes to the idle model at once, not after 20 s waiting for
+            # company (15 s: loading the model, on a loaded machine).
+            wait_for(lambda: bool(predictors and predictors[0].batch_sizes), 15, "first batch")
+            for _ in range(6):  # arrive one by one while the model is busy with the first
+                add_instances(database, [dicom_dir / CHEST[0]])
+                time.sleep(0.05)
+            wait_for(lambda: all_jobs_ended(database), 60, "every job ended")
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert predictors[0].batch_sizes == [1, 6]
+    assert worker.stats.done == 7
