@@ -43,15 +43,16 @@ class Doorbell:
 
     def __init__(self, address: str) -> None:
         self.address = address
+        # Made here, not on the first ring: the listener rings from many threads at once.
         self._sock: socket.socket | None = None
+        if SUPPORTED:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)
 
     def ring(self) -> None:
-        if not SUPPORTED:
+        if self._sock is None:
             return
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.setblocking(False)
             self._sock.sendto(b"!", self.address)
         except OSError as exc:
             # ECONNREFUSED / ENOENT: no worker holds the bell; EAGAIN: rings are already
