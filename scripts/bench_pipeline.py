@@ -14,8 +14,10 @@ sends with dcmtk's ``storescu`` (``TCP_NODELAY=1``) and reads the rest from the 
    rate (``--rate R``: one rate instead), one association per image, receive → first
    prediction per instance, p50 / p95 / max;
 4. *stages*: the worker's stop line (decoding and normalising each file, on one of its
-   decode threads; inferring; recording) per image, and the RSS of each role process
-   after the warm-up and at the end;
+   decode threads; inferring; recording) per image; the CPU time per image of each role
+   process and of the ``storescu`` senders (``/proc/PID/stat``, ``getrusage``), in the
+   burst and in the ingest-only run, and the end-to-end rate their total allows on the
+   cores there are; the RSS of each role process after the warm-up and at the end;
 5. *backfill*: ``pacs-classifier reclassify --all`` over every stored instance (what the
    nightly run does, and an archive backfill) against decode + normalise + inference of
    the same files in one thread of this process, and the raw inference images/s.
@@ -38,6 +40,7 @@ import math
 import os
 import platform
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -494,6 +497,22 @@ def rss_mb(pid: int) -> float:
     return math.nan
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (``/proc/PID/stat``); NaN when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    # After the command name: state is field 3 of stat(5), utime 14 and stime 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children (the ``storescu`` senders)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def role_pids(log_path: Path) -> dict[str, int]:
     """The supervisor's latest pid of each role, from its log."""
     return {r: int(p) for r, p in ROLE_STARTED.findall(log_path.read_text(errors="replace"))}
@@ -522,7 +541,16 @@ def worker_stages(log_path: Path) -> Stages | None:
     return Stages(int(done), int(batches), float(prep), float(infer), float(record), int(threads))
 
 
-def ingest_only(args: argparse.Namespace, work: Path, files: Sequence[Path]) -> float:
+@dataclass(frozen=True)
+class IngestOnly:
+    """The listener alone: its rate and the CPU per file of it and of the sender."""
+
+    files_per_s: float
+    listener_cpu_ms: float
+    sender_cpu_ms: float
+
+
+def ingest_only(args: argparse.Namespace, work: Path, files: Sequence[Path]) -> IngestOnly:
     """Files/s of a listener-only ``serve`` taking ``files`` on one association."""
     from pacs_classifier.db.migrate import upgrade
 
@@ -534,9 +562,15 @@ def ingest_only(args: argparse.Namespace, work: Path, files: Sequence[Path]) -> 
     try:
         serve.wait_listening(port)
         storescu(port, files[:2])  # first association: imports, first file
+        cpu, sender = cpu_s(serve.pid), children_cpu_s()
         started = time.monotonic()
         storescu(port, files[2:])
-        return (len(files) - 2) / (time.monotonic() - started)
+        n = len(files) - 2
+        return IngestOnly(
+            n / (time.monotonic() - started),
+            1000 * (cpu_s(serve.pid) - cpu) / n,
+            1000 * (children_cpu_s() - sender) / n,
+        )
     finally:
         serve.stop()
 
@@ -548,13 +582,23 @@ class Phase:
     name: str
     send_rate: float
     timing: Timing
+    #: CPU milliseconds per image of each role process and of the senders, from the first
+    #: byte sent to the last job ended.
+    cpu_ms: dict[str, float]
 
 
 def measure(
-    db: Database, serve: Serve, port: int, files: Sequence[Path], rate: float, name: str
+    db: Database,
+    serve: Serve,
+    port: int,
+    files: Sequence[Path],
+    rate: float,
+    name: str,
+    pids: dict[str, int],
 ) -> Phase:
     """Send ``files`` (burst when ``rate`` is 0) and wait for their predictions."""
     cutoff = max_instance_id(db)
+    cpu = {role: cpu_s(pid) for role, pid in pids.items()} | {"senders": children_cpu_s()}
     started = time.monotonic()
     if rate > 0:
         send_rate = send_steady(port, files, rate)
@@ -567,10 +611,12 @@ def measure(
         return ended_count(db, cutoff) >= len(files)
 
     wait_until(finished, 120 + 5 * len(files), f"the predictions of {name}")
+    after = {role: cpu_s(pid) for role, pid in pids.items()} | {"senders": children_cpu_s()}
+    cpu_ms = {role: 1000 * (after[role] - cpu[role]) / len(files) for role in cpu}
     other = unfinished_jobs(db, cutoff)
     if other:
         print(f"{name}: jobs not done: {other} (see {serve.log_path})", flush=True)
-    return Phase(name, send_rate, timing(db, cutoff))
+    return Phase(name, send_rate, timing(db, cutoff), cpu_ms)
 
 
 def reclassify_all(config: Path, db: Database) -> tuple[int, float]:
@@ -626,7 +672,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
     batch = args.batch_size or WorkerConfig().batch_size
     print(f"before: {load_average()}", flush=True)
 
-    ingest = ingest_only(args, work / "ingest", burst)
+    alone = ingest_only(args, work / "ingest", burst)
+    ingest = alone.files_per_s
     print(f"ingest only: {ingest:.1f} files/s", flush=True)
     rates = [args.rate] if args.rate > 0 else [5.0, round(0.8 * ingest, 1)]
     steady = [
@@ -653,9 +700,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
             wait_until(warmed, 600, "the warm-up predictions")
         pids = role_pids(serve.log_path)
         first_rss = {role: rss_mb(pid) for role, pid in pids.items()}
-        phases.append(measure(db, serve, port, burst, 0.0, "burst"))
+        phases.append(measure(db, serve, port, burst, 0.0, "burst", pids))
         for rate, group in zip(rates, steady, strict=True):
-            phases.append(measure(db, serve, port, group, rate, f"steady {rate:g}/s"))
+            phases.append(measure(db, serve, port, group, rate, f"steady {rate:g}/s", pids))
         rss = {role: (first_rss[role], rss_mb(pid)) for role, pid in pids.items()}
         after_load = load_average()
     finally:
@@ -677,7 +724,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     )
     report(
         args,
-        ingest=ingest,
+        ingest=alone,
         phases=phases,
         stages=stages,
         rss=rss,
@@ -693,7 +740,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
 def report(
     args: argparse.Namespace,
     *,
-    ingest: float,
+    ingest: IngestOnly,
     phases: Sequence[Phase],
     stages: Stages | None,
     rss: dict[str, tuple[float, float]],
@@ -705,18 +752,34 @@ def report(
 ) -> None:
     median, best, runtime_class = inference
     burst = phases[0].timing
+    burst_cpu = phases[0].cpu_ms
+    cores = len(os.sched_getaffinity(0))
+    total_cpu = sum(burst_cpu.values())
+    rate = ingest.files_per_s
     rows = [
         (
             "images (size)",
             f"{burst.count} burst + {args.steady_count} per steady rate ({args.size}²)",
         ),
         ("runtime", f"{args.runtime} → {runtime_class}, batch_size {batch}"),
-        ("ingest only (listener alone, storescu, one association)", f"{ingest:.1f} files/s"),
+        ("ingest only (listener alone, storescu, one association)", f"{rate:.1f} files/s"),
         (
             "end to end, burst (first receive → last prediction)",
             f"{burst.images_per_s:.1f} images/s",
         ),
-        ("end to end / ingest only", f"{burst.images_per_s / ingest:.2f}"),
+        ("end to end / ingest only", f"{burst.images_per_s / rate:.2f}"),
+        (
+            "CPU per file, ingest only: listener / storescu",
+            f"{ingest.listener_cpu_ms:.0f} / {ingest.sender_cpu_ms:.0f} ms",
+        ),
+        (
+            "CPU per image, burst: " + " / ".join(burst_cpu) + " = total",
+            " / ".join(f"{v:.0f}" for v in burst_cpu.values()) + f" = {total_cpu:.0f} ms",
+        ),
+        (
+            f"end to end that total allows on {cores} cores (cores × 1000 / total)",
+            f"{cores * 1000 / total_cpu:.1f} images/s",
+        ),
     ]
     for p in phases:
         lat = p.timing.latencies
@@ -729,7 +792,7 @@ def report(
         )
     if stages is not None:
         rows += [
-            ("listener, per file (1 / ingest only)", f"{1000 / ingest:.0f} ms"),
+            ("listener, per file (1 / ingest only)", f"{1000 / rate:.0f} ms"),
             (
                 f"worker decode + normalise per image (per thread; {stages.threads} threads)",
                 f"{stages.per_image_ms(stages.decode_s):.0f} ms",
