@@ -12,9 +12,9 @@ and while the inferer has work the preparer keeps claiming for up to ``max_batch
 or ``batch_size`` jobs (the wait costs nothing, the model could not take them sooner);
 when the inferer is idle, what was claimed goes at once, so an image that arrives alone is
 not held back for company, and under a burst the next batch is decoded by the time the
-model is free. An idle worker waits for the next job on the
-host's job doorbell (:mod:`pacs_classifier.queue.doorbell`, rung by the listener), polling
-the database every ``poll_interval_ms`` as well.
+model is free. An idle worker waits for the next job on the host's job doorbell
+(:mod:`pacs_classifier.queue.doorbell`, rung by the listener), polling the database every
+``poll_interval_ms`` as well.
 
 A job that was claimed before and came back without an outcome (its worker died holding
 it, or a retry) is claimed alone (:meth:`~pacs_classifier.queue.jobs.JobQueue.claim`): a

@@ -110,12 +110,10 @@ class Bell:
         readable, _, _ = select.select([self._sock], [], [], timeout_s)
         if not readable:
             return False
-        while True:
+        while True:  # drain: rings that came together are one wake-up
             try:
                 self._sock.recv(64)
-            except BlockingIOError:
-                return True
-            except OSError:
+            except OSError:  # BlockingIOError once empty
                 return True
 
     def close(self) -> None:

@@ -144,8 +144,23 @@ class Ingestor:
         :class:`~pacs_classifier.errors.DatabaseUnavailable` when the database cannot
         take the transaction; nothing is left behind then, except when the commit's
         outcome cannot be checked (see the module's docstring): the file and its intent
-        marker stay for :meth:`recover_pending`.
+        marker stay for :meth:`recover_pending`. A new instance or version queued a job:
+        ``on_queued`` is called after the commit.
         """
+        result = self._commit(tmp, meta, actor=actor, calling_ae=calling_ae, warnings=warnings)
+        if self._on_queued is not None and result.outcome is not IngestOutcome.DUPLICATE:
+            self._on_queued()
+        return result
+
+    def _commit(
+        self,
+        tmp: Path,
+        meta: InstanceMeta,
+        *,
+        actor: str,
+        calling_ae: str | None,
+        warnings: tuple[str, ...],
+    ) -> IngestResult:
         final = self.storage.final_path(
             meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.sha256
         )
@@ -182,8 +197,6 @@ class Ingestor:
             self.storage.discard(tmp)
         if marker is not None:
             self.storage.clear_intent(marker)
-        if self._on_queued is not None and result.job_id is not None and marker is not None:
-            self._on_queued()
         return result
 
     def _settle_failed_commit(
